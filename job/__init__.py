@@ -1,0 +1,1 @@
+"""migrate-job: run every service's Alembic migrations as one Cloud Run job."""

@@ -1,0 +1,192 @@
+"""Command line: parse arguments, run a command, and map its outcome to an exit code (here only)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from job import logs
+from job.errors import (
+    ConfigError,
+    ConnectError,
+    HistoryError,
+    Interrupted,
+    LockTimeout,
+    MigrateJobError,
+    MigrationFailed,
+    PendingMigrations,
+    SecretError,
+)
+from job.report import RunReport
+
+if TYPE_CHECKING:
+    from job.commands import Run
+
+EXIT_CODES: dict[type[MigrateJobError], int] = {
+    ConfigError: 2,
+    SecretError: 3,
+    ConnectError: 4,
+    LockTimeout: 5,
+    HistoryError: 6,
+    MigrationFailed: 7,
+    PendingMigrations: 10,
+}
+# Failures whose stack trace helps: a bug in the job, or a migration that raised.
+TRACED = {1, 7}
+
+DESCRIPTION = """\
+Upgrade every database of an environment manifest with its service's Alembic migrations.
+With no command, runs `upgrade`: this is what the Cloud Run job executes.
+
+exit codes: 0 done, 1 bug, 2 usage/configuration, 3 secret unreadable, 4 database unreachable or
+login refused, 5 lock held too long, 6 invalid history, 7 migration failed (rolled back),
+10 pending migrations (plan --check), 130/143 interrupted.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser for every command."""
+    parser = argparse.ArgumentParser(
+        prog="migrate-job",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(command="upgrade", to="head", check=False)
+    _add_selectors(parser, default=[])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # On a subcommand, SUPPRESS keeps selectors given before the command name.
+    selectors = argparse.ArgumentParser(add_help=False)
+    _add_selectors(selectors, default=argparse.SUPPRESS)
+    up = sub.add_parser("upgrade", parents=[selectors], help="apply pending migrations (default)")
+    up.add_argument("--to", default="head", metavar="REV", help="target revision (default: head)")
+    plan = sub.add_parser("plan", parents=[selectors], help="show what upgrade would apply, read-only")
+    plan.add_argument("--to", default="head", metavar="REV", help="target revision (default: head)")
+    plan.add_argument("--check", action="store_true", help="exit 10 if any database has migrations to apply")
+    return parser
+
+
+def _add_selectors(parser: argparse.ArgumentParser, default: object) -> None:
+    """Add the --service and --database selectors that every command takes."""
+    parser.add_argument(
+        "--service", action="append", default=default, metavar="NAME", help="only this service (repeat)"
+    )
+    parser.add_argument(
+        "--database", action="append", default=default, metavar="NAME", help="only this database (repeat)"
+    )
+
+
+def exit_code(exc: BaseException) -> int:
+    """Return the exit code for an exception that ended the run."""
+    if isinstance(exc, Interrupted):
+        return 128 + exc.signum
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    for cls in type(exc).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]  # type: ignore[index]
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return the process exit code."""
+    args = build_parser().parse_args(argv)
+    args.command = args.command or "upgrade"
+    report = RunReport(args.command)
+    code = 0
+    try:
+        run = _prepare(args, report)
+        asyncio.run(_dispatch(args, run))
+    except BaseException as exc:  # every ending, even a bug, gets its error line and summary
+        code = exit_code(exc)
+        _log_error(exc, code)
+    finally:
+        _log_summary(report, code)
+        logging.shutdown()
+    return code
+
+
+def _prepare(args: argparse.Namespace, report: RunReport) -> Run:
+    """Read settings, set up logging and load the manifest; return the run."""
+    from pydantic import ValidationError
+
+    from job import commands
+    from job.settings import CloudRun, Settings
+
+    try:
+        settings, cloud_run = Settings(), CloudRun()
+    except ValidationError as exc:
+        logs.setup("auto")
+        raise ConfigError(f"invalid MIGRATE_* setting: {exc.errors()[0]['msg']}") from None
+    labels = {k: str(v) for k, v in cloud_run.fields().items()}
+    logs.setup(settings.log_format, labels=labels)
+    logs.bind(command=args.command, **cloud_run.fields())
+    run = commands.prepare(report, settings, cloud_run, services=args.service, databases=args.database)
+    logs.event(
+        "run.start",
+        f"migrate-job {args.command} on {len(run.entries)} database(s) of {run.manifest.path.name}",
+        env=settings.env,
+        manifest=str(run.manifest.path),
+        databases=len(run.entries),
+        version=_version(),
+    )
+    return run
+
+
+async def _dispatch(args: argparse.Namespace, run: Run) -> None:
+    """Run the chosen command."""
+    from job import commands
+
+    if args.command == "plan":
+        await commands.plan(run, check=args.check, to=args.to)
+    else:
+        await commands.upgrade(run, to=args.to)
+
+
+def _log_error(exc: BaseException, code: int) -> None:
+    """Write the one error line for the exception that ended the run."""
+    if isinstance(exc, MigrateJobError):
+        message, fields = exc.message, exc.fields()
+    elif isinstance(exc, KeyboardInterrupt):
+        message, fields = "interrupted", {"error": "interrupted"}
+    else:
+        message = f"unexpected error (a bug in migrate-job): {type(exc).__name__}: {exc}"
+        fields = {"error": "bug", "hint": "report it with this line's stack_trace"}
+    level = logging.WARNING if code == 10 else logging.ERROR
+    logs.event(
+        "run.error",
+        logs.scrub(message),
+        level=level,
+        exc=exc if code in TRACED else None,
+        exit_code=code,
+        **fields,
+    )
+
+
+def _log_summary(report: RunReport, code: int) -> None:
+    """Write the ``run.summary`` line, always the last."""
+    summary = report.summary(code)
+    counts = ", ".join(f"{n} {status}" for status, n in summary["counts"].items()) or "no database"
+    logs.event(
+        "run.summary",
+        f"{report.command} {summary['status']} (exit {code}): {counts}",
+        level=logging.INFO if code == 0 else logging.ERROR,
+        **summary,
+    )
+
+
+def _version() -> str:
+    """Return the installed package version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("migrate-job")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Connection targets and connections: URLs built with ``URL.create``, asyncpg, bounded retries."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr
+
+from job import logs
+from job.errors import ConnectError, SecretError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+    from job.manifest import DatabaseEntry, Manifest
+    from job.secrets import SecretResolver
+
+DRIVER = "postgresql+asyncpg"
+SOCKET_FILE = ".s.PGSQL.5432"
+# SQLSTATEs that will not change by trying again: wrong password, no such role or database.
+FATAL_SQLSTATES = {
+    "28P01": "the password was refused",
+    "28000": "the login was refused",
+    "3D000": "the database does not exist",
+}
+# SQLSTATEs worth another try: starting up, shutting down, too many connections.
+TRANSIENT_SQLSTATES = {"57P03", "57P01", "57P02", "53300", "53400", "08000", "08001", "08006"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A database ready to connect to; ``url`` holds the password, ``display`` never does."""
+
+    entry: DatabaseEntry
+    url: URL
+
+    @property
+    def service(self) -> str:
+        """Return the service whose history this database follows."""
+        return self.entry.service
+
+    @property
+    def database(self) -> str:
+        """Return the database name."""
+        return self.entry.database
+
+    @property
+    def display(self) -> str:
+        """Return the URL with the password hidden."""
+        return self.url.render_as_string(hide_password=True)
+
+    def fields(self) -> dict[str, Any]:
+        """Return the fields that identify this database in log lines."""
+        out: dict[str, Any] = {"service": self.service, "database": self.database}
+        out["instance"] = self.entry.instance or self.entry.location
+        return out
+
+
+def resolve_target(
+    entry: DatabaseEntry, manifest: Manifest, resolver: SecretResolver, socket_root: Path
+) -> Target:
+    """Return the entry's target with its secrets read; raise SecretError if one cannot be."""
+    try:
+        if entry.url is not None:
+            raw = resolver.resolve(manifest.reference(entry.url))
+            url = url_from_secret(raw, entry)
+        else:
+            assert entry.user is not None and entry.password is not None
+            user = resolver.resolve(manifest.reference(entry.user), secret=False).get_secret_value()
+            password = resolver.resolve(manifest.reference(entry.password))
+            url = build_url(entry, user, password, socket_root)
+    except SecretError as exc:
+        exc.service, exc.database = entry.service, entry.database
+        raise
+    return Target(entry, url)
+
+
+def build_url(entry: DatabaseEntry, user: str, password: SecretStr, socket_root: Path) -> URL:
+    """Return the asyncpg URL for an entry: Cloud SQL socket directory or TCP host."""
+    from sqlalchemy.engine import URL
+
+    if entry.instance is not None:
+        return URL.create(
+            DRIVER,
+            username=user,
+            password=password.get_secret_value(),
+            database=entry.database,
+            query={"host": str(socket_root / entry.instance)},
+        )
+    return URL.create(
+        DRIVER,
+        username=user,
+        password=password.get_secret_value(),
+        host=entry.host,
+        port=entry.port,
+        database=entry.database,
+    )
+
+
+def url_from_secret(raw: SecretStr, entry: DatabaseEntry) -> URL:
+    """Return a whole-URL secret as an asyncpg URL, whatever driver prefix it was written with."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(raw.get_secret_value())
+    except (ArgumentError, ValueError):
+        # The parser's message would quote the value, password included.
+        raise SecretError(
+            f"secret {entry.url} does not hold a database URL",
+            hint="store postgresql://USER:PASSWORD@/DB?host=/cloudsql/P:R:I (password URL-quoted)",
+        ) from None
+    if not url.drivername.startswith("postgres"):
+        raise SecretError(f"secret {entry.url} holds a {url.drivername} URL, not PostgreSQL")
+    if url.password:
+        logs.redact(str(url.password))
+    return url.set(drivername=DRIVER)
+
+
+async def connect(
+    target: Target, *, timeout_s: float, application_name: str
+) -> tuple[AsyncEngine, AsyncConnection]:
+    """Return an open connection, retrying transient failures for at most timeout_s."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+    from tenacity import (
+        AsyncRetrying,
+        retry_if_exception,
+        stop_after_attempt,
+        stop_after_delay,
+        wait_exponential_jitter,
+    )
+
+    engine = create_async_engine(
+        target.url,
+        poolclass=NullPool,
+        connect_args={
+            "timeout": min(10.0, timeout_s),
+            "server_settings": {"application_name": application_name},
+        },
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_delay(timeout_s) | stop_after_attempt(100),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            before_sleep=lambda state: _log_retry(target, state),
+            reraise=True,
+        ):
+            with attempt:
+                connection = await engine.connect()
+    except Exception as exc:
+        await engine.dispose()
+        raise connect_error(target, exc, loop.time() - started) from None
+    return engine, connection
+
+
+def _log_retry(target: Target, state: Any) -> None:
+    """Log one connection retry with its reason and the wait before the next."""
+    exc = state.outcome.exception() if state.outcome else None
+    logs.event(
+        "db.connect_retry",
+        f"cannot connect to {target.entry.label} yet ({describe(exc)}); retrying",
+        level=30,
+        attempt=state.attempt_number,
+        wait_s=round(state.next_action.sleep, 2) if state.next_action else None,
+        reason=describe(exc),
+        **target.fields(),
+    )
+
+
+def _causes(exc: BaseException | None) -> list[BaseException]:
+    """Return exc and what it wraps (SQLAlchemy's .orig, __cause__, __context__), outermost first."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+    return seen
+
+
+def sqlstate(exc: BaseException | None) -> str | None:
+    """Return the PostgreSQL SQLSTATE behind an exception, if any."""
+    for cause in _causes(exc):
+        code = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Return True for failures that another connection attempt may cure."""
+    state = sqlstate(exc)
+    if state is not None:
+        return state in TRANSIENT_SQLSTATES
+    for cause in _causes(exc):
+        if isinstance(cause, (OSError, asyncio.TimeoutError, TimeoutError, ConnectionError)):
+            return True
+        if type(cause).__name__ in {"ConnectionDoesNotExistError", "InternalClientError"}:
+            return True
+    return False
+
+
+def describe(exc: BaseException | None) -> str:
+    """Return a one-line reason for a connection failure, without secrets or driver noise."""
+    if exc is None:
+        return "unknown"
+    state = sqlstate(exc)
+    if state in FATAL_SQLSTATES:
+        return f"{FATAL_SQLSTATES[state]} (SQLSTATE {state})"
+    root = _causes(exc)[-1]
+    if isinstance(root, FileNotFoundError) or getattr(root, "errno", None) == errno.ENOENT:
+        return "no socket at that path"
+    if isinstance(root, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(root, (asyncio.TimeoutError, TimeoutError)):
+        return "timed out"
+    text = str(root).splitlines()[0] if str(root) else type(root).__name__
+    return logs.scrub(f"{text} (SQLSTATE {state})" if state else text)
+
+
+def connect_error(target: Target, exc: BaseException, elapsed_s: float) -> ConnectError:
+    """Return the operator-facing error for a connection that failed for good."""
+    reason = describe(exc)
+    state = sqlstate(exc)
+    entry = target.entry
+    if state == "28P01":
+        hint = (
+            f"check that the password secret {entry.password or entry.url} matches role {target.url.username}"
+        )
+    elif state == "3D000":
+        hint = f"create database {entry.database} on {entry.location} or fix the manifest"
+    elif state == "28000":
+        hint = f"check that role {target.url.username} exists and may log in"
+    elif entry.instance:
+        socket = Path(target.url.query["host"]) / SOCKET_FILE  # type: ignore[arg-type]
+        hint = (
+            f"no answer on {socket} after {elapsed_s:.0f}s: add the instance to the job "
+            f"(--set-cloudsql-instances {entry.instance}) and check that it is running"
+        )
+    else:
+        hint = f"no answer from {entry.location} after {elapsed_s:.0f}s: check the host and network"
+    return ConnectError(
+        f"cannot connect to database {entry.database} of service {entry.service}: {reason}",
+        hint=hint,
+        service=entry.service,
+        database=entry.database,
+        instance=entry.instance or entry.location,
+        url=target.display,
+    )

@@ -1,0 +1,156 @@
+"""The environment manifest (``deploy/environments/<env>.toml``): which databases, in which order."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from job.errors import ConfigError
+from job.secrets import SecretRef, parse_reference
+
+INSTANCE_PATTERN = r"^(?:[a-z0-9.-]+:)?[a-z][a-z0-9-]*:[a-z0-9-]+:[a-z0-9][a-z0-9-]*$"
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_$-]{0,62}$"
+
+
+class DatabaseEntry(BaseModel):
+    """One database to migrate: its service, where it lives, and how to log in."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    service: str = Field(min_length=1)
+    database: str = Field(pattern=NAME_PATTERN)
+    instance: str | None = Field(None, pattern=INSTANCE_PATTERN)
+    host: str | None = None
+    port: int = Field(5432, ge=1, le=65535)
+    user: str | None = None
+    password: str | None = None
+    url: str | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_connect(self) -> DatabaseEntry:
+        """Require either a whole URL, or user, password and one of instance or host."""
+        if self.url is not None:
+            extra = [k for k in ("instance", "host", "user", "password") if getattr(self, k)]
+            if extra:
+                raise ValueError(f"url excludes {', '.join(extra)}: give one or the other")
+            return self
+        missing = [k for k in ("user", "password") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"missing {' and '.join(missing)} (or give url)")
+        if (self.instance is None) == (self.host is None):
+            raise ValueError("give exactly one of instance (Cloud SQL socket) or host (TCP)")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Return ``service/database`` for messages."""
+        return f"{self.service}/{self.database}"
+
+    @property
+    def location(self) -> str:
+        """Return where the database lives, for messages and the duplicate check."""
+        if self.instance:
+            return self.instance
+        if self.host:
+            return f"{self.host}:{self.port}"
+        return "url"
+
+
+class Manifest(BaseModel):
+    """A whole manifest file, validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    project: str | None = None
+    socket_dir: Path = Path("/cloudsql")
+    allow_downgrade: bool = True
+    databases: tuple[DatabaseEntry, ...] = Field(min_length=1)
+    path: Path = Path("<memory>")
+
+    def reference(self, text: str) -> SecretRef:
+        """Return the secret reference text names, resolved against the manifest's project."""
+        return parse_reference(text, project=self.project)
+
+
+def load_manifest(path: Path, services: Collection[str]) -> Manifest:
+    """Return the validated manifest at path; raise ConfigError before any database is touched."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"manifest {path} not found",
+            hint="set MIGRATE_ENV to an environment under deploy/environments/ or MIGRATE_MANIFEST",
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read manifest {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"manifest {path} is not valid TOML: {exc}") from None
+    return parse_manifest(raw, services, path=path)
+
+
+def parse_manifest(raw: dict[str, Any], services: Collection[str], *, path: Path) -> Manifest:
+    """Return the validated manifest for parsed TOML data."""
+    try:
+        manifest = Manifest.model_validate({**raw, "path": path})
+    except ValidationError as exc:
+        raise ConfigError(f"manifest {path} is invalid: {_describe(exc)}") from None
+    _check_services(manifest, services)
+    _check_unique(manifest)
+    _check_references(manifest)
+    return manifest
+
+
+def _describe(exc: ValidationError) -> str:
+    """Return pydantic's errors as ``databases[1].passwrd: unknown key; ...``."""
+    parts = []
+    for err in exc.errors():
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where or 'top level'}: {what}")
+    return "; ".join(parts)
+
+
+def _check_services(manifest: Manifest, services: Collection[str]) -> None:
+    """Raise ConfigError for an entry whose service is not shipped in the image."""
+    for i, entry in enumerate(manifest.databases):
+        if entry.service not in services:
+            raise ConfigError(
+                f"manifest {manifest.path}: databases[{i}] names unknown service {entry.service!r}",
+                hint=f"known services: {', '.join(sorted(services)) or 'none'}",
+                service=entry.service,
+                database=entry.database,
+            )
+
+
+def _check_unique(manifest: Manifest) -> None:
+    """Raise ConfigError when two entries name the same database on the same server."""
+    seen: dict[tuple[str, str], int] = {}
+    for i, entry in enumerate(manifest.databases):
+        key = (entry.url or entry.location, entry.database)
+        if key in seen:
+            raise ConfigError(
+                f"manifest {manifest.path}: databases[{i}] repeats database {entry.database!r} "
+                f"on {entry.location} (already databases[{seen[key]}])",
+                hint="each database appears once; several databases may share one service",
+                database=entry.database,
+            )
+        seen[key] = i
+
+
+def _check_references(manifest: Manifest) -> None:
+    """Raise ConfigError for a malformed secret reference, naming the entry."""
+    for i, entry in enumerate(manifest.databases):
+        for key in ("user", "password", "url"):
+            text = getattr(entry, key)
+            if text is None:
+                continue
+            try:
+                manifest.reference(text)
+            except ConfigError as exc:
+                exc.message = f"manifest {manifest.path}: databases[{i}].{key}: {exc.message}"
+                exc.service, exc.database = entry.service, entry.database
+                raise

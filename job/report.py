@@ -1,0 +1,85 @@
+"""The run's record: one result per database, turned into the ``run.summary`` line."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DatabaseResult:
+    """What happened to one database."""
+
+    service: str
+    database: str
+    instance: str | None = None
+    status: str = "skipped"
+    from_revision: str | None = None
+    to_revision: str | None = None
+    applied: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    duration_ms: int = 0
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the summary entry for this database."""
+        out: dict[str, Any] = {
+            "service": self.service,
+            "database": self.database,
+            "instance": self.instance,
+            "status": self.status,
+            "from_revision": self.from_revision,
+            "to_revision": self.to_revision,
+            "applied": self.applied,
+            "duration_ms": self.duration_ms,
+        }
+        if self.pending:
+            out["pending"] = self.pending
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class RunReport:
+    """Results gathered as the run goes, so the summary is complete even when it stops early."""
+
+    command: str
+    databases: list[DatabaseResult] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, result: DatabaseResult) -> DatabaseResult:
+        """Record a database (initially skipped) and return its result to fill in."""
+        self.databases.append(result)
+        return result
+
+    def summary(self, exit_code: int) -> dict[str, Any]:
+        """Return the fields of the ``run.summary`` line."""
+        counts: dict[str, int] = {}
+        for result in self.databases:
+            counts[result.status] = counts.get(result.status, 0) + 1
+        return {
+            "command": self.command,
+            "status": run_status(exit_code),
+            "exit_code": exit_code,
+            "counts": counts,
+            "duration_ms": elapsed_ms(self.started),
+            "databases": [r.as_dict() for r in self.databases],
+        }
+
+
+def run_status(exit_code: int) -> str:
+    """Return the run's status word for an exit code."""
+    if exit_code == 0:
+        return "succeeded"
+    if exit_code == 10:
+        return "pending"
+    if exit_code in (130, 143):
+        return "interrupted"
+    return "failed"
+
+
+def elapsed_ms(since: float) -> int:
+    """Return whole milliseconds since a time.monotonic() reading."""
+    return int((time.monotonic() - since) * 1000)

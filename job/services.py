@@ -1,0 +1,80 @@
+"""Services shipped with the job: each folder under the services directory with an alembic.ini."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from job.errors import ConfigError, HistoryError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+
+@dataclass(eq=False)
+class Service:
+    """One service's Alembic project; its script directory is loaded once and reused."""
+
+    name: str
+    path: Path
+
+    @property
+    def ini(self) -> Path:
+        """Return the service's alembic.ini."""
+        return self.path / "alembic.ini"
+
+    def config(self) -> Config:
+        """Return a fresh Alembic Config (its attributes carry one run's live objects)."""
+        from alembic.config import Config
+
+        return Config(str(self.ini))
+
+    @cached_property
+    def script(self) -> ScriptDirectory:
+        """Return the service's script directory, loaded once per process."""
+        from alembic.script import ScriptDirectory
+
+        try:
+            return ScriptDirectory.from_config(self.config())
+        except Exception as exc:
+            raise ConfigError(
+                f"service {self.name}: cannot load its Alembic scripts from {self.ini}: {exc}",
+                service=self.name,
+            ) from exc
+
+    def head(self) -> str | None:
+        """Return the single head revision (None for an empty history); raise HistoryError if many."""
+        try:
+            heads = self.script.get_heads()
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise HistoryError(
+                f"service {self.name}: its revision files do not form a valid history: {exc}",
+                hint="fix the revision files (alembic history shows the graph)",
+                service=self.name,
+            ) from exc
+        if len(heads) > 1:
+            raise HistoryError(
+                f"service {self.name} has {len(heads)} heads: {', '.join(sorted(heads))}",
+                hint=f"add a merge revision: alembic -c {self.ini} merge heads -m 'merge'",
+                service=self.name,
+            )
+        return heads[0] if heads else None
+
+
+def discover(services_dir: Path) -> dict[str, Service]:
+    """Return every service under services_dir, by name, in name order."""
+    if not services_dir.is_dir():
+        raise ConfigError(
+            f"services directory {services_dir} does not exist",
+            hint="set MIGRATE_SERVICES_DIR to the folder that holds <service>/alembic.ini",
+        )
+    return {
+        child.name: Service(child.name, child)
+        for child in sorted(services_dir.iterdir())
+        if (child / "alembic.ini").is_file()
+    }

@@ -1,0 +1,109 @@
+"""Helpers shared by the tests: test passwords, manifests, and running the job as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICES_DIR = REPO / "services"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PROJECT = "fusion-prime-test"
+# Every character that broke the shell script: a password must survive all of them.
+PASSWORD = "p@ss:/#?%<>&()' w0rd"
+# Every test password, so that a test can prove none of them reaches any output.
+ALL_PASSWORDS = (PASSWORD, "wr0ng:/#?%<>&()' pass")
+HEADS = {"settlement": "b277be36eb38", "risk-engine": "9da4646821fb", "compliance": "ac845c92cc2a"}
+TABLES = {
+    "settlement": {"settlement_commands", "webhook_subscriptions", "escrows"},
+    "risk-engine": {"escrows"},
+    "compliance": {
+        "kyc_cases",
+        "aml_alerts",
+        "sanctions_checks",
+        "compliance_cases",
+        "compliance_checks",
+        "watchlist_entries",
+    },
+}
+
+
+def toml_value(value: Any) -> str:
+    """Return value as TOML (JSON string escapes are valid TOML basic-string escapes)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return json.dumps(str(value))
+
+
+def write_manifest(path: Path, databases: list[dict[str, Any]], **top: Any) -> Path:
+    """Write a manifest file with the given top-level keys and [[databases]] entries."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
+    for entry in databases:
+        lines.append("\n[[databases]]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in entry.items())
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@dataclass
+class JobRun:
+    """A finished run of the job as a process."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def lines(self) -> list[dict[str, Any]]:
+        """Return stdout parsed as one JSON object per line (fails on any other line)."""
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """Return the log lines with this event name."""
+        return [line for line in self.lines if line.get("event") == name]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """Return the run.summary line, which must be the last."""
+        last = self.lines[-1]
+        assert last["event"] == "run.summary", last
+        return last
+
+    def by_database(self) -> dict[str, dict[str, Any]]:
+        """Return the summary's per-database entries by database name."""
+        return {d["database"]: d for d in self.summary["databases"]}
+
+
+def run_job(*args: str, env: dict[str, str], timeout: float = 120) -> JobRun:
+    """Run ``python -m job ARGS`` as Cloud Run would, with only the given environment added."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MIGRATE_", "CLOUD_RUN_"))}
+    base.update({"MIGRATE_LOG_FORMAT": "json", "MIGRATE_CONNECT_TIMEOUT_S": "3"})
+    base.update(env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "job", *args],
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    record_output(proc.stdout + proc.stderr)
+    return JobRun(proc.returncode, proc.stdout, proc.stderr)
+
+
+# Set by conftest for the session: every child process's output is appended here.
+OUTPUT_LOG: Path | None = None
+
+
+def record_output(text: str) -> None:
+    """Append a process's output to the session's log, which the leak check scans at the end."""
+    if OUTPUT_LOG is not None:
+        with OUTPUT_LOG.open("a", encoding="utf-8") as fh:
+            fh.write(text)
