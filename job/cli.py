@@ -130,7 +130,7 @@ def _prepare(args: argparse.Namespace, report: RunReport) -> Run:
         f"migrate-job {args.command} on {len(run.entries)} database(s) of {run.manifest.path.name}",
         env=settings.env,
         manifest=str(run.manifest.path),
-        databases=len(run.entries),
+        database_count=len(run.entries),
         version=_version(),
     )
     return run

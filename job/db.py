@@ -112,14 +112,24 @@ def url_from_secret(raw: SecretStr, entry: DatabaseEntry) -> URL:
     except (ArgumentError, ValueError):
         # The parser's message would quote the value, password included.
         raise SecretError(
-            f"secret {entry.url} does not hold a database URL",
+            f"secret {shown_reference(entry.url)} does not hold a database URL",
             hint="store postgresql://USER:PASSWORD@/DB?host=/cloudsql/P:R:I (password URL-quoted)",
         ) from None
     if not url.drivername.startswith("postgres"):
-        raise SecretError(f"secret {entry.url} holds a {url.drivername} URL, not PostgreSQL")
+        raise SecretError(f"secret {shown_reference(entry.url)} holds a {url.drivername} URL, not PostgreSQL")
     if url.password:
         logs.redact(str(url.password))
+    if "sslmode" in url.query:
+        # libpq's (and psycopg's) sslmode is asyncpg's ssl, with the same mode names.
+        url = url.difference_update_query(["sslmode"]).update_query_dict({"ssl": url.query["sslmode"]})
     return url.set(drivername=DRIVER)
+
+
+def shown_reference(text: str | None) -> str:
+    """Return a manifest's secret reference as messages may show it: a literal value never."""
+    if text is not None and text.startswith(("secretmanager://", "env://", "file://")):
+        return text
+    return "<literal>"
 
 
 async def connect(
@@ -150,7 +160,7 @@ async def connect(
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(is_transient),
             stop=stop_after_delay(timeout_s) | stop_after_attempt(100),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.3),
             before_sleep=lambda state: _log_retry(target, state),
             reraise=True,
         ):
@@ -232,7 +242,8 @@ def connect_error(target: Target, exc: BaseException, elapsed_s: float) -> Conne
     entry = target.entry
     if state == "28P01":
         hint = (
-            f"check that the password secret {entry.password or entry.url} matches role {target.url.username}"
+            f"check that the password secret {shown_reference(entry.password or entry.url)} "
+            f"matches role {target.url.username}"
         )
     elif state == "3D000":
         hint = f"create database {entry.database} on {entry.location} or fix the manifest"

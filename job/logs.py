@@ -38,11 +38,12 @@ def scrub(text: str) -> str:
 
 
 def _forms(secret: str) -> tuple[str, ...]:
-    """Return the spellings a secret takes in logs: raw, inside a JSON string, URL-quoted."""
+    """Return a secret's spellings in logs: raw or repr'd (KeyError, ``!r``), JSON-escaped, URL-quoted."""
+    spelled = (secret, repr(secret)[1:-1])
     return (
-        secret,
-        json.dumps(secret, ensure_ascii=False)[1:-1],
-        json.dumps(secret)[1:-1],
+        *spelled,
+        *(json.dumps(s, ensure_ascii=False)[1:-1] for s in spelled),
+        *(json.dumps(s)[1:-1] for s in spelled),
         urllib.parse.quote(secret, safe=""),
         urllib.parse.quote_plus(secret, safe=""),
     )
@@ -93,31 +94,38 @@ def _structured_handler(stream: TextIO, labels: Mapping[str, str]) -> logging.Ha
 
 
 class TextFormatter(logging.Formatter):
-    """Format a record as ``HH:MM:SS LEVEL event message key=value ...`` for people at a terminal."""
+    """Format a record as ``HH:MM:SS LEVEL event message [key=value ...]`` for people."""
 
-    HIDDEN = frozenset({"event", "job", "execution", "task_index", "task_attempt", "command"})
+    # Already in the message, or only useful to machines.
+    HIDDEN = frozenset(
+        {"event", "job", "execution", "task_index", "task_attempt", "command", "url"}
+        | {"service", "database", "instance", "databases", "counts", "stack_trace"}
+    )
 
     def format(self, record: logging.LogRecord) -> str:
-        """Return one readable line (plus the stack trace, if any)."""
+        """Return one readable line, plus a table for the summary and the stack trace, if any."""
         fields: dict[str, Any] = dict(getattr(record, "json_fields", {}) or {})
-        name = fields.get("event", record.name)
-        stack = fields.pop("stack_trace", None)
-        extras = " ".join(
-            f"{k}={_short(v)}" for k, v in fields.items() if k not in self.HIDDEN and k != "databases"
-        )
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        line = f"{stamp} {record.levelname:<7} {name:<18} {record.getMessage()}"
+        line = f"{stamp} {record.levelname:<7} {fields.get('event', record.name):<18} {record.getMessage()}"
+        extras = " ".join(f"{k}={_short(v)}" for k, v in fields.items() if k not in self.HIDDEN)
         if extras:
             line += f"  [{extras}]"
-        if stack:
-            line += "\n" + stack.rstrip()
+        for db in fields.get("databases") or ():
+            line += (
+                f"\n    {db['service']:<14} {db['database']:<20} {db['status']:<8} "
+                f"{db['from_revision'] or 'base'} -> {db['to_revision'] or 'base'}"
+                + (f"  applied {_short(db['applied'])}" if db["applied"] else "")
+            )
+        if fields.get("stack_trace"):
+            line += "\n" + str(fields["stack_trace"]).rstrip()
         return line
 
 
 def _short(value: Any) -> str:
     """Return a compact rendering of a field value for text logs."""
     if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value) or "-"
+        items = [v.get("revision", v) if isinstance(v, dict) else v for v in value]
+        return ",".join(str(v) for v in items) or "-"
     return str(value)
 
 

@@ -23,9 +23,9 @@ class DatabaseEntry(BaseModel):
 
     service: str = Field(min_length=1)
     database: str = Field(pattern=NAME_PATTERN)
-    instance: str | None = Field(None, pattern=INSTANCE_PATTERN)
+    instance: str | None = Field(default=None, pattern=INSTANCE_PATTERN)
     host: str | None = None
-    port: int = Field(5432, ge=1, le=65535)
+    port: int = Field(default=5432, ge=1, le=65535)
     user: str | None = None
     password: str | None = None
     url: str | None = None
@@ -94,6 +94,8 @@ def load_manifest(path: Path, services: Collection[str]) -> Manifest:
 
 def parse_manifest(raw: dict[str, Any], services: Collection[str], *, path: Path) -> Manifest:
     """Return the validated manifest for parsed TOML data."""
+    if "path" in raw:  # Manifest.path is where the file was read from, not a manifest key
+        raise ConfigError(f"manifest {path} is invalid: path: unknown key")
     try:
         manifest = Manifest.model_validate({**raw, "path": path})
     except ValidationError as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from job.errors import HistoryError
+from job.errors import ConfigError, HistoryError
 
 if TYPE_CHECKING:
     from alembic.runtime.migration import RevisionStep
@@ -55,7 +55,7 @@ def compute_plan(service: Service, current: tuple[str, ...], target: str = "head
     script = service.script
     head = service.head()
     _check_known(service, current)
-    destination = head if target == "head" else target
+    destination = head if target == "head" else _resolve_target(service, target)
     if destination is None:
         return Plan(service.name, current, None, (), ())
     try:
@@ -67,9 +67,22 @@ def compute_plan(service: Service, current: tuple[str, ...], target: str = "head
             service=service.name,
             revision=destination,
         ) from exc
-    shown = tuple(_step(s) for s in steps)
-    resolved = script.get_revision(destination)
-    return Plan(service.name, current, resolved.revision if resolved else destination, shown, steps)
+    return Plan(service.name, current, destination, tuple(_step(s) for s in steps), steps)
+
+
+def _resolve_target(service: Service, target: str) -> str:
+    """Return the full revision id a --to value names; raise ConfigError if it names none."""
+    try:
+        found = service.script.get_revision(target)
+    except Exception:
+        found = None
+    if found is None:
+        raise ConfigError(
+            f"--to {target}: service {service.name} has no such revision",
+            hint="list the revisions with migrate-job history, or use head",
+            service=service.name,
+        )
+    return found.revision
 
 
 def _check_known(service: Service, current: tuple[str, ...]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -35,7 +35,7 @@ class SecretRef:
     """Where a secret value lives; ``display`` is safe to show, the literal value is not."""
 
     scheme: Scheme
-    location: str
+    location: str = field(repr=False)  # a literal's location is the secret itself
 
     @property
     def display(self) -> str:
@@ -143,7 +143,9 @@ class SecretResolver:
                 hint="on Cloud Run the job uses its service account; locally run "
                 "`gcloud auth application-default login` or set MIGRATE_SECRET_MANAGER_ENDPOINT",
             ) from None
-        except gexc.GoogleAPIError as exc:
+        except (gexc.GoogleAPIError, auth_exc.TransportError, OSError) as exc:
+            # OSError: over REST (the emulator endpoint) a refused or dropped connection is a
+            # requests.ConnectionError, not an API error; it is still "no answer", not a bug.
             raise SecretError(
                 f"Secret Manager did not answer for {ref.display}: {type(exc).__name__}",
                 hint="retry the execution; check Secret Manager's status and the job's network",

