@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -48,6 +49,9 @@ login refused, 5 lock held too long, 6 invalid history, 7 migration failed (roll
 """
 
 
+ALLOW_AHEAD_HELP = "skip, with a warning, a database at a revision this image does not know (else exit 6)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser for every command."""
     parser = argparse.ArgumentParser(
@@ -55,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.set_defaults(command="upgrade", to="head", check=False)
+    parser.set_defaults(command="upgrade", to="head", check=False, allow_ahead=False)
     _add_selectors(parser, default=[])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # On a subcommand, SUPPRESS keeps selectors given before the command name.
@@ -63,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selectors(selectors, default=argparse.SUPPRESS)
     up = sub.add_parser("upgrade", parents=[selectors], help="apply pending migrations (default)")
     up.add_argument("--to", default="head", metavar="REV", help="target revision (default: head)")
+    up.add_argument("--allow-ahead", action="store_true", help=ALLOW_AHEAD_HELP)
     plan = sub.add_parser("plan", parents=[selectors], help="show what upgrade would apply, read-only")
     plan.add_argument("--to", default="head", metavar="REV", help="target revision (default: head)")
+    plan.add_argument("--allow-ahead", action="store_true", help=ALLOW_AHEAD_HELP)
     plan.add_argument("--check", action="store_true", help="exit 10 if any database has migrations to apply")
     return parser
 
@@ -95,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return the process exit code."""
     args = build_parser().parse_args(argv)
     args.command = args.command or "upgrade"
+    # Until the event loop takes over, SIGTERM ends the run like SIGINT does (PID 1 in a
+    # container ignores SIGTERM unless a handler is installed).
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     report = RunReport(args.command)
     code = 0
     try:
@@ -107,6 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log_summary(report, code)
         logging.shutdown()
     return code
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    """Signal handler: stop the run with Interrupted."""
+    raise Interrupted(signum)
 
 
 def _prepare(args: argparse.Namespace, report: RunReport) -> Run:
@@ -137,13 +151,35 @@ def _prepare(args: argparse.Namespace, report: RunReport) -> Run:
 
 
 async def _dispatch(args: argparse.Namespace, run: Run) -> None:
-    """Run the chosen command."""
+    """Run the chosen command; SIGTERM or SIGINT cancels it and ends the run as Interrupted."""
     from job import commands
 
-    if args.command == "plan":
-        await commands.plan(run, check=args.check, to=args.to)
-    else:
-        await commands.upgrade(run, to=args.to)
+    received: list[int] = []
+    task = asyncio.current_task()
+    assert task is not None
+
+    def stop(signum: int) -> None:
+        # Cancelling the task interrupts the running statement: asyncpg asks the server to
+        # cancel it, so the migration's transaction rolls back, then the connection closes.
+        if not received:
+            received.append(signum)
+            logs.event(
+                "run.signal", f"received signal {signum}; stopping", level=logging.WARNING, signal=signum
+            )
+            task.cancel()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        if args.command == "plan":
+            await commands.plan(run, check=args.check, to=args.to, allow_ahead=args.allow_ahead)
+        else:
+            await commands.upgrade(run, to=args.to, allow_ahead=args.allow_ahead)
+    except asyncio.CancelledError:
+        if received:
+            raise Interrupted(received[0]) from None
+        raise
 
 
 def _log_error(exc: BaseException, code: int) -> None:

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from job import db, logs
-from job.errors import ConfigError, PendingMigrations
-from job.executor import Execution, execute
+from job.errors import ConfigError, HistoryError, MigrateJobError, PendingMigrations
+from job.executor import Execution, apply_with_retries, execute
+from job.lock import MigrationLock, lock_key
 from job.manifest import DatabaseEntry, Manifest, load_manifest
+from job.plan import Step
 from job.report import DatabaseResult, RunReport, elapsed_ms
 from job.secrets import SecretResolver
 from job.services import Service, discover
 from job.settings import CloudRun, Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+# How long cleanup (unlock, close) may take after a failure or a signal.
+CLEANUP_S = 2.0
+# How many times a database is started over after the server dropped the connection.
+RECONNECTS = 3
 
 
 @dataclass
@@ -85,14 +101,25 @@ def preflight(run: Run) -> list[db.Target]:
     return [db.resolve_target(e, run.manifest, run.resolver, run.socket_root) for e in run.entries]
 
 
-async def upgrade(run: Run, to: str = "head") -> None:
-    """Upgrade every selected database in manifest order, stopping at the first failure."""
-    await _each(run, apply=True, destination=to)
+async def upgrade(run: Run, to: str = "head", *, allow_ahead: bool = False) -> None:
+    """Check every selected database, then upgrade each in manifest order, stopping at a failure."""
+    inspected = await _inspect_all(run, destination=to, allow_ahead=allow_ahead)
+    for result, execution in inspected:
+        if result.status == "ahead":
+            continue
+        assert execution.plan is not None
+        if execution.plan.pending:
+            await _apply(run, result, execution)
+        _finish(result, execution, "current")
 
 
-async def plan(run: Run, *, check: bool = False, to: str = "head") -> None:
+async def plan(run: Run, *, check: bool = False, to: str = "head", allow_ahead: bool = False) -> None:
     """Show what upgrade would run on each database; with check, raise if anything is pending."""
-    await _each(run, apply=False, destination=to)
+    inspected = await _inspect_all(run, destination=to, allow_ahead=allow_ahead)
+    for result, execution in inspected:
+        if result.status != "ahead":
+            assert execution.plan is not None
+            _finish(result, execution, "pending" if execution.plan.pending else "current")
     pending = [r for r in run.report.databases if r.status == "pending"]
     if check and pending:
         raise PendingMigrations(
@@ -102,24 +129,39 @@ async def plan(run: Run, *, check: bool = False, to: str = "head") -> None:
         )
 
 
-async def _each(run: Run, *, apply: bool, destination: str) -> None:
-    """Connect to each database in turn and run env.py on it, one connection at a time."""
+async def _inspect_all(
+    run: Run, *, destination: str, allow_ahead: bool
+) -> list[tuple[DatabaseResult, Execution]]:
+    """Preflight: read every database's revision before anything changes anywhere."""
     targets = preflight(run)
-    results = [run.report.add(DatabaseResult(t.service, t.database, t.fields()["instance"])) for t in targets]
-    for target, result in zip(targets, results, strict=True):
-        await _one(run, target, result, apply=apply, destination=destination)
+    inspected = []
+    for target in targets:
+        result = run.report.add(DatabaseResult(target.service, target.database, target.fields()["instance"]))
+        execution = Execution(run.services[target.service], target, destination)
+        inspected.append((result, execution))
+    for result, execution in inspected:
+        try:
+            await _inspect(run, result, execution)
+        except HistoryError as exc:
+            if not (allow_ahead and exc.revision and exc.context.get("unknown_revision")):
+                raise
+            result.status, result.from_revision, result.error = "ahead", exc.revision, exc.message
+            logs.event(
+                "db.ahead",
+                f"skipping {execution.target.entry.label}: {exc.message}",
+                level=logging.WARNING,
+                revision=exc.revision,
+                **execution.target.fields(),
+            )
+    return inspected
 
 
-async def _one(run: Run, target: db.Target, result: DatabaseResult, *, apply: bool, destination: str) -> None:
-    """Process one database, recording its outcome in result even when it fails."""
+async def _inspect(run: Run, result: DatabaseResult, execution: Execution) -> None:
+    """Connect, read the database's revision through env.py and plan; change nothing."""
+    target = execution.target
     started = time.monotonic()
-    execution = Execution(run.services[target.service], target, destination, apply)
+    engine, connection = await _connect(run, target)
     try:
-        engine, connection = await db.connect(
-            target,
-            timeout_s=run.settings.connect_timeout_s,
-            application_name=run.cloud_run.application_name(),
-        )
         logs.event(
             "db.connected",
             f"connected to {target.entry.label}",
@@ -127,51 +169,120 @@ async def _one(run: Run, target: db.Target, result: DatabaseResult, *, apply: bo
             url=target.display,
             **target.fields(),
         )
+        await execute(connection, execution)
+    finally:
+        await _close(engine, connection)
+        result.duration_ms += elapsed_ms(started)
+    _record(result, execution, [])
+
+
+async def _apply(run: Run, result: DatabaseResult, expected: Execution) -> None:
+    """Apply one database; if the server drops the connection (restart, failover), start it over."""
+    applied: list[Step] = []
+    for attempt in range(1, RECONNECTS + 2):
         try:
-            await execute(connection, execution)
-        finally:
-            await connection.close()
-            await engine.dispose()
+            await _apply_once(run, result, expected, applied)
+            return
+        except MigrateJobError as exc:
+            if attempt > RECONNECTS or not db.is_connection_lost(exc):
+                raise
+            # The server rolled back the running revision; the next pass re-reads under the lock.
+            logs.event(
+                "db.reconnect",
+                f"lost the connection to {expected.target.entry.label} ({db.describe(exc)}); "
+                "starting it over",
+                level=logging.WARNING,
+                attempt=attempt,
+                **expected.target.fields(),
+            )
+
+
+async def _apply_once(run: Run, result: DatabaseResult, expected: Execution, applied: list[Step]) -> None:
+    """Connect, take the lock, re-read and apply; record what committed even on failure."""
+    target = expected.target
+    started = time.monotonic()
+    engine, connection = await _connect(run, target)
+    lock = MigrationLock(
+        connection, target, lock_key(target.service, expected.version_table, expected.version_schema)
+    )
+    execution = expected
+    try:
+        await db.watch_client(connection)
+        await lock.acquire(run.settings.lock_wait_s)
+        execution = await apply_with_retries(engine, connection, expected, applied)
+    except (SQLAlchemyError, OSError) as exc:
+        # Taking or polling the lock failed below the migration: the connection broke.
+        result.status, result.error = "failed", db.describe(exc)
+        raise db.connect_error(target, exc, time.monotonic() - started) from exc
     except BaseException as exc:
-        _record(result, execution, started, status="failed", error=str(exc))
+        status = "interrupted" if isinstance(exc, asyncio.CancelledError) else "failed"
+        result.status, result.error = status, logs.scrub(str(exc)) or status
         raise
-    status = _status(execution, apply)
-    _record(result, execution, started, status=status)
+    finally:
+        await _release(lock)
+        await _close(engine, connection)
+        result.duration_ms += elapsed_ms(started)
+        _record(result, execution, applied)
+    result.status, result.error = ("applied" if applied else "current"), None
+
+
+def _finish(result: DatabaseResult, execution: Execution, status: str) -> None:
+    """Set a database's final status (unless applying set it) and log that it is done."""
+    if result.status == "skipped":
+        result.status = status
     logs.event(
         "db.done",
-        f"{target.entry.label}: {status} at {result.to_revision or 'base'}",
-        status=status,
+        f"{execution.target.entry.label}: {result.status} at {result.to_revision or 'base'}",
+        status=result.status,
         from_revision=result.from_revision,
         to_revision=result.to_revision,
         applied=result.applied,
         duration_ms=result.duration_ms,
-        **target.fields(),
+        **execution.target.fields(),
     )
 
 
-def _status(execution: Execution, apply: bool) -> str:
-    """Return the database's status word after a successful pass."""
-    assert execution.plan is not None
-    if apply:
-        return "applied" if execution.applied else "current"
-    return "pending" if execution.plan.pending else "current"
+async def _connect(run: Run, target: db.Target) -> tuple[AsyncEngine, AsyncConnection]:
+    """Open a connection to a target with the run's timeout and application_name."""
+    return await db.connect(
+        target,
+        timeout_s=run.settings.connect_timeout_s,
+        application_name=run.cloud_run.application_name(),
+    )
 
 
-def _record(
-    result: DatabaseResult,
-    execution: Execution,
-    started: float,
-    *,
-    status: str,
-    error: str | None = None,
-) -> None:
-    """Fill in a database's result from what the execution saw."""
-    result.status = status
-    result.error = logs.scrub(error) if error else None
-    result.duration_ms = elapsed_ms(started)
-    result.applied = [s.revision for s in execution.applied]
-    if execution.plan is not None:
-        result.from_revision = execution.plan.from_revision
-        result.to_revision = execution.revision_now
-        done = {s.revision for s in execution.applied}
-        result.pending = [s.revision for s in execution.plan.steps if s.revision not in done]
+async def _release(lock: MigrationLock) -> None:
+    """Release the lock; if the connection is broken, closing it releases the lock anyway."""
+    try:
+        await asyncio.wait_for(lock.release(), CLEANUP_S)
+    except (Exception, asyncio.CancelledError) as exc:
+        logs.event(
+            "lock.release_failed",
+            f"could not release the lock of {lock.target.entry.label} ({type(exc).__name__}); "
+            "closing the connection releases it",
+            level=logging.WARNING,
+            **lock.target.fields(),
+        )
+
+
+async def _close(engine: AsyncEngine, connection: AsyncConnection) -> None:
+    """Close the connection and engine, bounded in time (after a cancel it may be unusable)."""
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.wait_for(connection.close(), CLEANUP_S)
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.wait_for(engine.dispose(), CLEANUP_S)
+
+
+def _record(result: DatabaseResult, execution: Execution, applied: list[Step]) -> None:
+    """Fill in a database's revisions from what its passes saw and what committed."""
+    plan = execution.plan or execution.expected
+    if result.from_revision is None and plan is not None:
+        result.from_revision = plan.from_revision
+    result.applied = [s.revision for s in applied] or result.applied
+    if applied:
+        result.to_revision = applied[-1].revision
+    elif plan is not None and result.to_revision is None:
+        result.to_revision = plan.from_revision
+    if plan is not None:
+        done = set(result.applied)
+        result.pending = [s.revision for s in plan.steps if s.revision not in done]

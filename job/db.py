@@ -151,7 +151,11 @@ async def connect(
         poolclass=NullPool,
         connect_args={
             "timeout": min(10.0, timeout_s),
-            "server_settings": {"application_name": application_name},
+            "server_settings": {
+                "application_name": application_name,
+                "lock_timeout": str(int(target.entry.lock_timeout_s * 1000)),
+                "statement_timeout": str(int(target.entry.statement_timeout_s * 1000)),
+            },
         },
     )
     loop = asyncio.get_running_loop()
@@ -170,6 +174,29 @@ async def connect(
         await engine.dispose()
         raise connect_error(target, exc, loop.time() - started) from None
     return engine, connection
+
+
+async def watch_client(connection: AsyncConnection) -> None:
+    """Ask the server to notice a vanished client mid-statement (PostgreSQL 14+).
+
+    Without it, a backend running a long migration for a SIGKILLed job keeps its transaction
+    and the lock until the statement ends; with it, the backend aborts within seconds.
+    """
+    from sqlalchemy import text
+
+    version = connection.sync_connection.dialect.server_version_info if connection.sync_connection else None
+    if version and version >= (14,):
+        await connection.execute(text("SET client_connection_check_interval = '2s'"))
+        await connection.commit()
+
+
+async def backend_pid(connection: AsyncConnection) -> int:
+    """Return the server process id serving this connection."""
+    from sqlalchemy import text
+
+    pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    await connection.commit()
+    return int(pid)
 
 
 def _log_retry(target: Target, state: Any) -> None:
@@ -213,6 +240,29 @@ def is_transient(exc: BaseException) -> bool:
         if isinstance(cause, (OSError, asyncio.TimeoutError, TimeoutError, ConnectionError)):
             return True
         if type(cause).__name__ in {"ConnectionDoesNotExistError", "InternalClientError"}:
+            return True
+    return False
+
+
+# The server went away under a live connection: shut down, crashed, restarted, connection reset.
+LOST_SQLSTATES = {"57P01", "57P02", "57P03", "08000", "08003", "08006"}
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """Return True when a failure came from losing the connection, not from the statement itself.
+
+    Such a failure rolled back the running transaction on the server, so redoing the database
+    after re-reading its revision under the lock is safe.
+    """
+    state = sqlstate(exc)
+    if state is not None:
+        return state in LOST_SQLSTATES
+    for cause in _causes(exc):
+        if isinstance(cause, (ConnectionError, OSError)):
+            return True
+        if type(cause).__name__ in {"ConnectionDoesNotExistError", "InterfaceError"} and (
+            "closed" in str(cause) or "connection" in str(cause).lower()
+        ):
             return True
     return False
 

@@ -7,6 +7,9 @@ drives Alembic with a ``fn`` hook, as Alembic's own commands do, so whatever env
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +23,7 @@ from job.report import elapsed_ms
 if TYPE_CHECKING:
     from alembic.runtime.migration import MigrationContext, RevisionStep
     from sqlalchemy.engine import Connection
-    from sqlalchemy.ext.asyncio import AsyncConnection
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
     from job.db import Target
     from job.services import Service
@@ -34,14 +37,22 @@ class Execution:
     target: Target
     destination: str = "head"
     apply: bool = False
+    expected: Plan | None = None
     plan: Plan | None = None
     applied: list[Step] = field(default_factory=list)
     running: Step | None = None
+    version_table: str = "alembic_version"
+    version_schema: str | None = None
 
     def __call__(self, heads: tuple[str, ...], context: MigrationContext) -> Iterator[RevisionStep]:
         """Alembic's ``fn``: compute the plan from the heads read under env.py's settings."""
+        self.version_table = context.version_table
+        self.version_schema = context.version_table_schema
         self.plan = compute_plan(self.service, tuple(heads), self.destination)
-        self._log_plan(self.plan)
+        if self.expected is None or self.expected.steps != self.plan.steps:
+            # Read-only passes always say what they found; an apply pass only when the database
+            # moved since (another execution did the work while we waited for the lock).
+            self._log_plan(self.plan, replanned=self.expected is not None)
         if not self.apply:
             return iter(())
         return self._steps(self.plan)
@@ -63,7 +74,7 @@ class Execution:
                 **self.target.fields(),
             )
 
-    def _log_plan(self, plan: Plan) -> None:
+    def _log_plan(self, plan: Plan, *, replanned: bool) -> None:
         """Log what this database is at and what would run."""
         pending = [s.fields() for s in plan.steps]
         logs.event(
@@ -73,6 +84,7 @@ class Execution:
             from_revision=plan.from_revision,
             to_revision=plan.target,
             pending=pending,
+            replanned=replanned or None,
             **self.target.fields(),
         )
 
@@ -117,6 +129,8 @@ def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
     target = execution.target
     reason = logs.scrub(_reason(exc))
     stays = execution.revision_now or "base"
+    from job.db import sqlstate
+
     if execution.running is None:
         return MigrationFailed(
             f"env.py of service {target.service} failed on database {target.database}: {reason}",
@@ -133,6 +147,7 @@ def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
         database=target.database,
         revision=step.revision,
         at_revision=stays,
+        sqlstate=sqlstate(exc),
     )
 
 
@@ -146,3 +161,137 @@ def _reason(exc: BaseException) -> str:
     if first.startswith("<class '") and ">: " in first:
         first = first.split(">: ", 1)[1]
     return f"{type(exc).__name__}: {first}"
+
+
+LOCK_NOT_AVAILABLE = "55P03"
+
+BLOCKERS_SQL = """
+SELECT pid, application_name, state, xact_start
+FROM pg_stat_activity WHERE pid = ANY(pg_blocking_pids(:pid))
+"""
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """Return True for a migration that gave up waiting for a table lock (safe to retry)."""
+    return isinstance(exc, MigrationFailed) and exc.context.get("sqlstate") == LOCK_NOT_AVAILABLE
+
+
+class BlockerWatch:
+    """Watch, from a second connection, which sessions block the migration's connection.
+
+    PostgreSQL's lock_timeout error does not say who held the lock; this does.
+    """
+
+    def __init__(self, engine: AsyncEngine, pid: int) -> None:
+        self.engine = engine
+        self.pid = pid
+        self.blockers: list[dict[str, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> BlockerWatch:
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _watch(self) -> None:
+        """Poll pg_blocking_pids until cancelled, keeping the last non-empty answer."""
+        from sqlalchemy import text
+
+        async with self.engine.connect() as connection:
+            while True:
+                rows = (await connection.execute(text(BLOCKERS_SQL), {"pid": self.pid})).mappings().all()
+                await connection.commit()
+                if rows:
+                    self.blockers = [_blocker(row) for row in rows]
+                await asyncio.sleep(0.2)
+
+    def describe(self) -> str:
+        """Return the blockers seen last, for an error message."""
+        return ", ".join(
+            f"pid {b['pid']} ({b['application_name'] or 'no application_name'}, {b['state']}"
+            + (f", transaction since {b['xact_start']}" if b["xact_start"] else "")
+            + ")"
+            for b in self.blockers
+        )
+
+
+def _blocker(row: Any) -> dict[str, Any]:
+    """Return a blocking session as plain fields."""
+    xact = row["xact_start"]
+    return {
+        "pid": row["pid"],
+        "application_name": row["application_name"],
+        "state": row["state"],
+        "xact_start": xact.isoformat() if xact else None,
+    }
+
+
+async def apply_with_retries(
+    engine: AsyncEngine,
+    connection: AsyncConnection,
+    expected: Execution,
+    applied: list[Step],
+) -> Execution:
+    """Apply the plan under the lock already held; retry a migration that hit lock_timeout.
+
+    Only a lock timeout is retried: the migration's transaction rolled back whole, so running it
+    again is safe. Attempts and total time are both bounded by the manifest entry. Steps that
+    commit are appended to applied as they go, whatever happens after.
+    """
+    from tenacity import (
+        AsyncRetrying,
+        retry_if_exception,
+        stop_after_attempt,
+        stop_after_delay,
+        wait_exponential_jitter,
+    )
+
+    from job.db import backend_pid
+
+    entry = expected.target.entry
+    pid = await backend_pid(connection)
+    last: Execution | None = None
+
+    async def attempt() -> Execution:
+        nonlocal last
+        assert expected.plan is not None
+        last = Execution(expected.service, expected.target, expected.destination, True, expected.plan)
+        try:
+            async with BlockerWatch(engine, pid) as watch:
+                return await execute(connection, last)
+        except MigrationFailed as exc:
+            if is_lock_timeout(exc) and watch.blockers:
+                exc.message += f"; blocked by {watch.describe()}"
+                exc.context["blockers"] = watch.blockers
+            raise
+        finally:
+            applied.extend(last.applied)
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception(is_lock_timeout),
+        stop=stop_after_attempt(entry.lock_retries + 1) | stop_after_delay(entry.lock_retry_s),
+        wait=wait_exponential_jitter(multiplier=0.5, max=10.0, jitter=0.5),
+        before_sleep=lambda state: _log_lock_retry(expected.target, state),
+        reraise=True,
+    )
+    return await retrying(attempt)
+
+
+def _log_lock_retry(target: Target, state: Any) -> None:
+    """Log a migration that hit lock_timeout and will run again."""
+    exc = state.outcome.exception() if state.outcome else None
+    logs.event(
+        "migration.lock_timeout",
+        f"{exc.message if exc else 'lock timeout'}; retrying in {state.upcoming_sleep:.1f}s",
+        level=logging.WARNING,
+        revision=getattr(exc, "revision", None),
+        attempt=state.attempt_number,
+        wait_s=round(state.upcoming_sleep, 2),
+        blockers=exc.context.get("blockers") if exc else None,
+        **target.fields(),
+    )

@@ -29,6 +29,15 @@ class DatabaseEntry(BaseModel):
     user: str | None = None
     password: str | None = None
     url: str | None = None
+    # A DDL statement waits at most this long for a table lock, so it never queues the
+    # application's traffic behind it; 0 means no limit.
+    lock_timeout_s: float = Field(default=5.0, ge=0)
+    # A statement runs at most this long; 0 means no limit.
+    statement_timeout_s: float = Field(default=0.0, ge=0)
+    # A migration that hit lock_timeout is retried (it rolled back whole) at most this many
+    # times and for at most this long in all.
+    lock_retries: int = Field(default=5, ge=0, le=100)
+    lock_retry_s: float = Field(default=120.0, ge=0)
 
     @model_validator(mode="after")
     def _one_way_to_connect(self) -> DatabaseEntry:

@@ -100,6 +100,7 @@ def _check_known(service: Service, current: tuple[str, ...]) -> None:
                 "by hand (migrate-job stamp)",
                 service=service.name,
                 revision=revision,
+                unknown_revision=True,
             )
 
 
