@@ -25,6 +25,8 @@ from job.errors import (
 from job.report import RunReport
 
 if TYPE_CHECKING:
+    from pydantic import ValidationError
+
     from job.commands import Run
 
 EXIT_CODES: dict[type[MigrateJobError], int] = {
@@ -118,6 +120,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def _setting_error(exc: ValidationError) -> ConfigError:
+    """Return the error for an environment variable that does not parse, naming the variable."""
+    err = exc.errors()[0]
+    prefix = "CLOUD_RUN_" if exc.title == "CloudRun" else "MIGRATE_"
+    name = prefix + str(err["loc"][0]).upper() if err["loc"] else prefix + "*"
+    return ConfigError(
+        f"invalid {name}: {err['msg']}",
+        hint=f"fix or unset {name} (see the settings table in the README)",
+    )
+
+
 def _raise_interrupted(signum: int, frame: object) -> None:
     """Signal handler: stop the run with Interrupted."""
     raise Interrupted(signum)
@@ -131,10 +144,11 @@ def _prepare(args: argparse.Namespace, report: RunReport) -> Run:
     from job.settings import CloudRun, Settings
 
     try:
-        settings, cloud_run = Settings(), CloudRun()
+        settings = Settings()
+        cloud_run = CloudRun()
     except ValidationError as exc:
         logs.setup("auto")
-        raise ConfigError(f"invalid MIGRATE_* setting: {exc.errors()[0]['msg']}") from None
+        raise _setting_error(exc) from None
     labels = {k: str(v) for k, v in cloud_run.fields().items()}
     logs.setup(settings.log_format, labels=labels)
     logs.bind(command=args.command, **cloud_run.fields())

@@ -18,7 +18,7 @@ from job.errors import ConfigError, HistoryError, MigrateJobError, PendingMigrat
 from job.executor import Execution, apply_with_retries, execute
 from job.lock import MigrationLock, lock_key
 from job.manifest import DatabaseEntry, Manifest, load_manifest
-from job.plan import Step
+from job.plan import Step, resolve_revision
 from job.report import DatabaseResult, RunReport, elapsed_ms
 from job.secrets import SecretResolver
 from job.services import Service, discover
@@ -94,10 +94,12 @@ def select(
     ]
 
 
-def preflight(run: Run) -> list[db.Target]:
-    """Check every selected service's history and read every secret; return the targets."""
+def preflight(run: Run, destination: str = "head") -> list[db.Target]:
+    """Check every selected service's history and target, read every secret; return the targets."""
     for name in dict.fromkeys(e.service for e in run.entries):
         run.services[name].head()
+        if destination != "head":
+            resolve_revision(run.services[name], destination)
     return [db.resolve_target(e, run.manifest, run.resolver, run.socket_root) for e in run.entries]
 
 
@@ -133,7 +135,7 @@ async def _inspect_all(
     run: Run, *, destination: str, allow_ahead: bool
 ) -> list[tuple[DatabaseResult, Execution]]:
     """Preflight: read every database's revision before anything changes anywhere."""
-    targets = preflight(run)
+    targets = preflight(run, destination)
     inspected = []
     for target in targets:
         result = run.report.add(DatabaseResult(target.service, target.database, target.fields()["instance"]))

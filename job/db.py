@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr
 
 from job import logs
-from job.errors import ConnectError, SecretError
+from job.errors import ConfigError, ConnectError, SecretError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -85,6 +85,7 @@ def build_url(entry: DatabaseEntry, user: str, password: SecretStr, socket_root:
     from sqlalchemy.engine import URL
 
     if entry.instance is not None:
+        check_socket_path(entry, socket_root / entry.instance / SOCKET_FILE)
         return URL.create(
             DRIVER,
             username=user,
@@ -100,6 +101,24 @@ def build_url(entry: DatabaseEntry, user: str, password: SecretStr, socket_root:
         port=entry.port,
         database=entry.database,
     )
+
+
+# The kernel's limit for a unix socket path (sun_path), including the final NUL.
+MAX_SOCKET_PATH = 107
+SSL_MODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+
+
+def check_socket_path(entry: DatabaseEntry, path: Path) -> None:
+    """Raise ConfigError for a socket path too long to connect to (it would fail forever)."""
+    size = len(str(path).encode())
+    if size > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"the socket path {path} is too long: {size} bytes, over the {MAX_SOCKET_PATH}-byte "
+            "limit of unix sockets",
+            hint="set MIGRATE_SOCKET_DIR (or the manifest's socket_dir) to a shorter directory",
+            service=entry.service,
+            database=entry.database,
+        )
 
 
 def url_from_secret(raw: SecretStr, entry: DatabaseEntry) -> URL:
@@ -119,6 +138,20 @@ def url_from_secret(raw: SecretStr, entry: DatabaseEntry) -> URL:
         raise SecretError(f"secret {shown_reference(entry.url)} holds a {url.drivername} URL, not PostgreSQL")
     if url.password:
         logs.redact(str(url.password))
+    if url.database != entry.database:
+        # Migrating a database other than the one the manifest (and so the logs) names is worse
+        # than refusing: an empty database would even fall back to the driver's default.
+        raise SecretError(
+            f"secret {shown_reference(entry.url or '')} names database {url.database or '(none)'}, "
+            f"but the manifest entry is for {entry.database}",
+            hint="make the URL's database and the entry's database the same",
+        )
+    sslmode = url.query.get("sslmode")
+    if sslmode is not None and sslmode not in SSL_MODES:
+        raise SecretError(
+            f"secret {shown_reference(entry.url or '')} has an unknown sslmode {sslmode!r}",
+            hint=f"use one of {', '.join(sorted(SSL_MODES))}",
+        )
     if "sslmode" in url.query:
         # libpq's (and psycopg's) sslmode is asyncpg's ssl, with the same mode names.
         url = url.difference_update_query(["sslmode"]).update_query_dict({"ssl": url.query["sslmode"]})
@@ -285,6 +318,15 @@ def describe(exc: BaseException | None) -> str:
     return logs.scrub(f"{text} (SQLSTATE {state})" if state else text)
 
 
+def _where(target: Target) -> str:
+    """Return host:port or the socket directory a target connects to."""
+    url = target.url
+    if url.host:
+        return f"{url.host}:{url.port or 5432}"
+    socket = url.query.get("host")
+    return str(socket) if socket else target.entry.location
+
+
 def connect_error(target: Target, exc: BaseException, elapsed_s: float) -> ConnectError:
     """Return the operator-facing error for a connection that failed for good."""
     reason = describe(exc)
@@ -306,7 +348,7 @@ def connect_error(target: Target, exc: BaseException, elapsed_s: float) -> Conne
             f"(--set-cloudsql-instances {entry.instance}) and check that it is running"
         )
     else:
-        hint = f"no answer from {entry.location} after {elapsed_s:.0f}s: check the host and network"
+        hint = f"no answer from {_where(target)} after {elapsed_s:.0f}s: check the host and network"
     return ConnectError(
         f"cannot connect to database {entry.database} of service {entry.service}: {reason}",
         hint=hint,

@@ -117,8 +117,12 @@ def parse_manifest(raw: dict[str, Any], services: Collection[str], *, path: Path
 
 def _describe(exc: ValidationError) -> str:
     """Return pydantic's errors as ``databases[1].passwrd: unknown key; ...``."""
+    errors = exc.errors()
+    if any(len(e["loc"]) > 1 and e["loc"][0] == "databases" for e in errors):
+        # An invalid entry also empties the list; saying so would only mislead.
+        errors = [e for e in errors if tuple(e["loc"]) != ("databases",)]
     parts = []
-    for err in exc.errors():
+    for err in errors:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
         what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         parts.append(f"{where or 'top level'}: {what}")

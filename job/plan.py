@@ -55,7 +55,7 @@ def compute_plan(service: Service, current: tuple[str, ...], target: str = "head
     script = service.script
     head = service.head()
     _check_known(service, current)
-    destination = head if target == "head" else _resolve_target(service, target)
+    destination = head if target == "head" else resolve_revision(service, target)
     if destination is None:
         return Plan(service.name, current, None, (), ())
     try:
@@ -70,7 +70,7 @@ def compute_plan(service: Service, current: tuple[str, ...], target: str = "head
     return Plan(service.name, current, destination, tuple(_step(s) for s in steps), steps)
 
 
-def _resolve_target(service: Service, target: str) -> str:
+def resolve_revision(service: Service, target: str) -> str:
     """Return the full revision id a --to value names; raise ConfigError if it names none."""
     try:
         found = service.script.get_revision(target)

@@ -64,9 +64,9 @@ def parse_reference(text: str, *, project: str | None) -> SecretRef:
             )
         return SecretRef("file", path)
     if re.match(r"^[a-z][a-z0-9+.-]*://", text) and not text.startswith("postgres"):
-        scheme = text.split("://", 1)[0]
+        # Not echoed: a literal password may look like a reference.
         raise ConfigError(
-            f"unknown secret reference scheme {scheme}://",
+            "a value looks like a secret reference but its scheme is unknown",
             hint="use secretmanager://, env://, file:// or a literal value for local work",
         )
     return SecretRef("literal", text)
@@ -108,7 +108,10 @@ class SecretResolver:
     def resolve(self, ref: SecretRef, *, secret: bool = True) -> SecretStr:
         """Return the value (masked in all logs when secret); raise SecretError if unreadable."""
         if ref not in self._cache:
-            self._cache[ref] = SecretStr(_strip_newline(self._read(ref)))
+            raw = _strip_newline(self._read(ref))
+            if not raw:
+                raise SecretError(f"secret {ref.display} is empty", hint="add a version with the value")
+            self._cache[ref] = SecretStr(raw)
         value = self._cache[ref]
         if secret:
             logs.redact(value.get_secret_value())

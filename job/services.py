@@ -53,7 +53,8 @@ class Service:
             raise
         except Exception as exc:
             raise HistoryError(
-                f"service {self.name}: its revision files do not form a valid history: {exc}",
+                f"service {self.name}: its revision files do not form a valid history: "
+                f"{type(exc).__name__}: {exc}",
                 hint="fix the revision files (alembic history shows the graph)",
                 service=self.name,
             ) from exc

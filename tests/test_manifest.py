@@ -259,7 +259,7 @@ def test_domain_scoped_instance_name_is_accepted(tmp_path: Path) -> None:
     ("reference", "says"),
     [
         ("secretmanager://projects/x/secrets/", "bad secret reference secretmanager://projects/x/secrets/"),
-        ("vault://x", "unknown secret reference scheme vault://"),
+        ("vault://x", "scheme is unknown"),
         ("env://1BAD", "bad secret reference env://1BAD"),
         ("file://relative", "the path must be absolute"),
     ],

@@ -320,11 +320,12 @@ def test_missing_env_var(resolver: SecretResolver, monkeypatch: pytest.MonkeyPat
     assert info.value.hint is not None and "--set-secrets" in info.value.hint
 
 
-def test_empty_env_var_is_a_value(resolver: SecretResolver, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Set-but-empty is a value (the database will refuse it), unlike unset."""
+def test_empty_value_is_a_secret_error(resolver: SecretResolver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty password is a broken secret (exit 3 naming it), not a login the database refuses later."""
     monkeypatch.setenv("MJ_TEST_EMPTY", "")
 
-    assert resolver.resolve(parse_reference("env://MJ_TEST_EMPTY", project=None)).get_secret_value() == ""
+    with pytest.raises(SecretError, match="env://MJ_TEST_EMPTY is empty"):
+        resolver.resolve(parse_reference("env://MJ_TEST_EMPTY", project=None))
 
 
 def test_file_reference(resolver: SecretResolver, tmp_path: Path) -> None:
