@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -187,7 +188,8 @@ def test_unreachable_socket_is_exit_4_naming_the_instance(
     entry.pop("host", None)
     entry.pop("port", None)
     manifest = write_manifest(tmp_path / "m.toml", [entry])
-    env = {**job_env, "MIGRATE_MANIFEST": str(manifest), "MIGRATE_SOCKET_DIR": str(tmp_path)}
+    empty = tempfile.mkdtemp(prefix="mjnone")  # short: socket paths are limited to 107 bytes
+    env = {**job_env, "MIGRATE_MANIFEST": str(manifest), "MIGRATE_SOCKET_DIR": empty}
     run = run_job(env=env)
     error = assert_one_error(run, 4, "connect")
     assert "not-mounted" in error["hint"] and "--set-cloudsql-instances" in error["hint"]
