@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from job import logs
@@ -139,6 +140,22 @@ def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
             database=target.database,
         )
     step = execution.running
+    if _outside_transaction(execution.service, step.revision):
+        # Work done in autocommit_block() is not undone: a failed CREATE INDEX CONCURRENTLY
+        # leaves an INVALID index, and running the revision again would fail on it.
+        return MigrationFailed(
+            f"migration {step.revision} ({step.message}) failed on database {target.database} of "
+            f"service {target.service}: {reason}; it runs outside a transaction (autocommit_block), "
+            "so part of it may have been done",
+            hint=f"the database stays at {stays}; look for INVALID indexes (SELECT indexrelid::regclass "
+            "FROM pg_index WHERE NOT indisvalid), drop them with DROP INDEX CONCURRENTLY, then run again",
+            service=target.service,
+            database=target.database,
+            revision=step.revision,
+            at_revision=stays,
+            sqlstate=sqlstate(exc),
+            retryable=False,
+        )
     return MigrationFailed(
         f"migration {step.revision} ({step.message}) failed on database {target.database} of "
         f"service {target.service}: {reason}; its transaction rolled back",
@@ -149,6 +166,17 @@ def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
         at_revision=stays,
         sqlstate=sqlstate(exc),
     )
+
+
+def _outside_transaction(service: Service, revision: str) -> bool:
+    """Return True if the revision runs statements outside its transaction (autocommit_block)."""
+    script = service.script.get_revision(revision)
+    if script is None:
+        return False
+    try:
+        return "autocommit_block" in Path(script.path).read_text(encoding="utf-8")
+    except OSError:
+        return False
 
 
 def _reason(exc: BaseException) -> str:
@@ -165,15 +193,21 @@ def _reason(exc: BaseException) -> str:
 
 LOCK_NOT_AVAILABLE = "55P03"
 
+# usename and application_name are visible to every role; state and xact_start only with
+# pg_read_all_stats (or to the same role), so they may be NULL.
 BLOCKERS_SQL = """
-SELECT pid, application_name, state, xact_start
+SELECT pid, usename, application_name, state, xact_start
 FROM pg_stat_activity WHERE pid = ANY(pg_blocking_pids(:pid))
 """
 
 
 def is_lock_timeout(exc: BaseException) -> bool:
     """Return True for a migration that gave up waiting for a table lock (safe to retry)."""
-    return isinstance(exc, MigrationFailed) and exc.context.get("sqlstate") == LOCK_NOT_AVAILABLE
+    return (
+        isinstance(exc, MigrationFailed)
+        and exc.context.get("sqlstate") == LOCK_NOT_AVAILABLE
+        and exc.context.get("retryable", True)
+    )
 
 
 class BlockerWatch:
@@ -212,12 +246,7 @@ class BlockerWatch:
 
     def describe(self) -> str:
         """Return the blockers seen last, for an error message."""
-        return ", ".join(
-            f"pid {b['pid']} ({b['application_name'] or 'no application_name'}, {b['state']}"
-            + (f", transaction since {b['xact_start']}" if b["xact_start"] else "")
-            + ")"
-            for b in self.blockers
-        )
+        return ", ".join(_describe_blocker(b) for b in self.blockers)
 
 
 def _blocker(row: Any) -> dict[str, Any]:
@@ -225,10 +254,23 @@ def _blocker(row: Any) -> dict[str, Any]:
     xact = row["xact_start"]
     return {
         "pid": row["pid"],
+        "user": row["usename"],
         "application_name": row["application_name"],
         "state": row["state"],
         "xact_start": xact.isoformat() if xact else None,
     }
+
+
+def _describe_blocker(blocker: dict[str, Any]) -> str:
+    """Return ``pid N (app, user U, state, transaction since T)`` with what the role may see."""
+    parts = [blocker["application_name"] or "no application_name"]
+    if blocker["user"]:
+        parts.append(f"user {blocker['user']}")
+    if blocker["state"]:
+        parts.append(blocker["state"])
+    if blocker["xact_start"]:
+        parts.append(f"transaction since {blocker['xact_start']}")
+    return f"pid {blocker['pid']} ({', '.join(parts)})"
 
 
 async def apply_with_retries(
@@ -247,7 +289,7 @@ async def apply_with_retries(
         AsyncRetrying,
         retry_if_exception,
         stop_after_attempt,
-        stop_after_delay,
+        stop_before_delay,
         wait_exponential_jitter,
     )
 
@@ -265,16 +307,22 @@ async def apply_with_retries(
             async with BlockerWatch(engine, pid) as watch:
                 return await execute(connection, last)
         except MigrationFailed as exc:
-            if is_lock_timeout(exc) and watch.blockers:
-                exc.message += f"; blocked by {watch.describe()}"
-                exc.context["blockers"] = watch.blockers
+            if is_lock_timeout(exc):
+                if watch.blockers:
+                    exc.message += f"; blocked by {watch.describe()}"
+                    exc.context["blockers"] = watch.blockers
+                blocker = f"pg_terminate_backend({watch.blockers[0]['pid']})" if watch.blockers else "it"
+                exc.hint = (
+                    f"the migration is fine; another session held the table: let it finish or end {blocker}, "
+                    "then run again (or raise lock_retries / lock_retry_s in the manifest)"
+                )
             raise
         finally:
             applied.extend(last.applied)
 
     retrying = AsyncRetrying(
         retry=retry_if_exception(is_lock_timeout),
-        stop=stop_after_attempt(entry.lock_retries + 1) | stop_after_delay(entry.lock_retry_s),
+        stop=stop_after_attempt(entry.lock_retries + 1) | stop_before_delay(entry.lock_retry_s),
         wait=wait_exponential_jitter(multiplier=0.5, max=10.0, jitter=0.5),
         before_sleep=lambda state: _log_lock_retry(expected.target, state),
         reraise=True,

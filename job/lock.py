@@ -76,10 +76,12 @@ class MigrationLock:
         from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_exponential_jitter
 
         self._reported_at: float | None = None
+        backoff = wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.1)
         retrying = AsyncRetrying(
             retry=retry_if_result(lambda taken: not taken),
             stop=stop_after_delay(wait_s),
-            wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.1),
+            # The last sleep ends at the deadline, for one last try there: wait_s, not more or less.
+            wait=lambda state: max(0.0, min(backoff(state), wait_s - (state.seconds_since_start or 0.0))),
             before_sleep=self._report_waiting,
             retry_error_callback=lambda state: False,
         )
