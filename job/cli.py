@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--to", default="head", metavar="REV", help="target revision (default: head)")
     plan.add_argument("--allow-ahead", action="store_true", help=ALLOW_AHEAD_HELP)
     plan.add_argument("--check", action="store_true", help="exit 10 if any database has migrations to apply")
+    cur = sub.add_parser("current", parents=[selectors], help="show each database's revision, read-only")
+    cur.add_argument("--allow-ahead", action="store_true", help=ALLOW_AHEAD_HELP)
+    sub.add_parser("heads", parents=[selectors], help="show each service's head revision (no database)")
+    hist = sub.add_parser("history", parents=[selectors], help="list each service's revisions (no database)")
+    hist.add_argument("--verbose", action="store_true", help="also the file and branch labels")
     return parser
 
 
@@ -188,6 +193,12 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
     try:
         if args.command == "plan":
             await commands.plan(run, check=args.check, to=args.to, allow_ahead=args.allow_ahead)
+        elif args.command == "current":
+            await commands.current(run, allow_ahead=args.allow_ahead)
+        elif args.command == "heads":
+            commands.heads(run)
+        elif args.command == "history":
+            commands.history(run, verbose=args.verbose)
         else:
             await commands.upgrade(run, to=args.to, allow_ahead=args.allow_ahead)
     except asyncio.CancelledError:

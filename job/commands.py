@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -131,15 +131,89 @@ async def plan(run: Run, *, check: bool = False, to: str = "head", allow_ahead: 
         )
 
 
+async def current(run: Run, *, allow_ahead: bool = False) -> None:
+    """Report each selected database's revision and whether it is at its service's head."""
+    inspected = await _inspect_all(run, destination="head", allow_ahead=allow_ahead, quiet=True)
+    for result, execution in inspected:
+        if result.status == "ahead":
+            continue
+        assert execution.plan is not None
+        head = execution.plan.target
+        at_head = not execution.plan.pending
+        result.status = "current" if at_head else "pending"
+        logs.event(
+            "db.current",
+            f"{execution.target.entry.label} is at {execution.plan.from_revision or 'base'}"
+            + (" (head)" if at_head else f"; head is {head}"),
+            revision=execution.plan.from_revision,
+            head=head,
+            at_head=at_head,
+            **execution.target.fields(),
+        )
+
+
+def heads(run: Run) -> None:
+    """Report each selected service's head revision(s); touches no database."""
+    for service in _selected_services(run):
+        found = service.script.get_heads()
+        logs.event(
+            "service.heads",
+            f"{service.name}: head {', '.join(found) or '(empty history)'}",
+            service=service.name,
+            heads=list(found),
+        )
+
+
+def history(run: Run, *, verbose: bool = False) -> None:
+    """Report each selected service's revisions, newest first; touches no database."""
+    for service in _selected_services(run):
+        script = service.script
+        head_set = set(script.get_heads())
+        for rev in script.walk_revisions():
+            fields: dict[str, Any] = {
+                "service": service.name,
+                "revision": rev.revision,
+                "down_revision": list(_as_tuple(rev.down_revision)),
+                "description": (rev.doc or "").strip(),
+                "is_head": rev.revision in head_set,
+                "is_merge": rev.is_merge_point,
+                "is_branch_point": rev.is_branch_point,
+            }
+            if verbose:
+                fields.update(
+                    path=str(Path(rev.path).relative_to(service.path)),
+                    branch_labels=sorted(rev.branch_labels),
+                )
+            logs.event(
+                "service.revision",
+                f"{service.name}: {', '.join(_as_tuple(rev.down_revision)) or '<base>'} -> {rev.revision}"
+                + (" (head)" if rev.revision in head_set else "")
+                + f", {(rev.doc or '').strip()}",
+                **fields,
+            )
+
+
+def _selected_services(run: Run) -> list[Service]:
+    """Return the services of the selected manifest entries, in manifest order, each once."""
+    return [run.services[name] for name in dict.fromkeys(e.service for e in run.entries)]
+
+
+def _as_tuple(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Return a down_revision (None, one id or several) as a tuple."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 async def _inspect_all(
-    run: Run, *, destination: str, allow_ahead: bool
+    run: Run, *, destination: str, allow_ahead: bool, quiet: bool = False
 ) -> list[tuple[DatabaseResult, Execution]]:
     """Preflight: read every database's revision before anything changes anywhere."""
     targets = preflight(run, destination)
     inspected = []
     for target in targets:
         result = run.report.add(DatabaseResult(target.service, target.database, target.fields()["instance"]))
-        execution = Execution(run.services[target.service], target, destination)
+        execution = Execution(run.services[target.service], target, destination, quiet=quiet)
         inspected.append((result, execution))
     for result, execution in inspected:
         try:

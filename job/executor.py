@@ -44,13 +44,14 @@ class Execution:
     running: Step | None = None
     version_table: str = "alembic_version"
     version_schema: str | None = None
+    quiet: bool = False
 
     def __call__(self, heads: tuple[str, ...], context: MigrationContext) -> Iterator[RevisionStep]:
         """Alembic's ``fn``: compute the plan from the heads read under env.py's settings."""
         self.version_table = context.version_table
         self.version_schema = context.version_table_schema
         self.plan = compute_plan(self.service, tuple(heads), self.destination)
-        if self.expected is None or self.expected.steps != self.plan.steps:
+        if not self.quiet and (self.expected is None or self.expected.steps != self.plan.steps):
             # Read-only passes always say what they found; an apply pass only when the database
             # moved since (another execution did the work while we waited for the lock).
             self._log_plan(self.plan, replanned=self.expected is not None)
