@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--to", default="head", metavar="REV", help="target revision (default: head)")
     plan.add_argument("--allow-ahead", action="store_true", help=ALLOW_AHEAD_HELP)
     plan.add_argument("--check", action="store_true", help="exit 10 if any database has migrations to apply")
+    down = sub.add_parser(
+        "downgrade", parents=[selectors], help="undo revisions down to --to (refused where not allowed)"
+    )
+    down.add_argument("--to", required=True, metavar="REV", help="a revision, -N or base")
+    down.add_argument("--yes", action="store_true", help="confirm: downgrades may drop data")
+    st = sub.add_parser("stamp", parents=[selectors], help="record a revision without running migrations")
+    st.add_argument("revision", metavar="REV", help="a revision, head or base")
+    st.add_argument("--yes", action="store_true", help="confirm")
     cur = sub.add_parser("current", parents=[selectors], help="show each database's revision, read-only")
     cur.add_argument("--allow-ahead", action="store_true", help=ALLOW_AHEAD_HELP)
     sub.add_parser("heads", parents=[selectors], help="show each service's head revision (no database)")
@@ -193,6 +201,10 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
     try:
         if args.command == "plan":
             await commands.plan(run, check=args.check, to=args.to, allow_ahead=args.allow_ahead)
+        elif args.command == "downgrade":
+            await commands.downgrade(run, args.to, yes=args.yes)
+        elif args.command == "stamp":
+            await commands.stamp(run, args.revision, yes=args.yes)
         elif args.command == "current":
             await commands.current(run, allow_ahead=args.allow_ahead)
         elif args.command == "heads":

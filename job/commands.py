@@ -18,7 +18,7 @@ from job.errors import ConfigError, HistoryError, MigrateJobError, PendingMigrat
 from job.executor import Execution, apply_with_retries, execute
 from job.lock import MigrationLock, lock_key
 from job.manifest import DatabaseEntry, Manifest, load_manifest
-from job.plan import Step, resolve_revision
+from job.plan import RELATIVE, Direction, Step, resolve_revision
 from job.report import DatabaseResult, RunReport, elapsed_ms
 from job.secrets import SecretResolver
 from job.services import Service, discover
@@ -98,14 +98,42 @@ def preflight(run: Run, destination: str = "head") -> list[db.Target]:
     """Check every selected service's history and target, read every secret; return the targets."""
     for name in dict.fromkeys(e.service for e in run.entries):
         run.services[name].head()
-        if destination != "head":
+        if not RELATIVE.match(destination):
             resolve_revision(run.services[name], destination)
     return [db.resolve_target(e, run.manifest, run.resolver, run.socket_root) for e in run.entries]
 
 
 async def upgrade(run: Run, to: str = "head", *, allow_ahead: bool = False) -> None:
     """Check every selected database, then upgrade each in manifest order, stopping at a failure."""
-    inspected = await _inspect_all(run, destination=to, allow_ahead=allow_ahead)
+    await _change(run, to, "up", allow_ahead=allow_ahead)
+
+
+async def downgrade(run: Run, to: str, *, yes: bool = False) -> None:
+    """Undo revisions down to ``to`` (a revision, -N or base), where the manifest allows it."""
+    if not run.manifest.allow_downgrade:
+        raise ConfigError(
+            f"manifest {run.manifest.path} sets allow_downgrade = false: downgrades are refused here",
+            hint="roll forward instead: ship a new revision that undoes the change",
+        )
+    _confirm(yes, f"downgrade to {to} undoes revisions and may drop data")
+    await _change(run, to, "down")
+
+
+async def stamp(run: Run, revision: str, *, yes: bool = False) -> None:
+    """Set the recorded revision without running migrations (after a manual fix or a restore)."""
+    _confirm(yes, f"stamp {revision} records a revision without running its migrations")
+    await _change(run, revision, "stamp")
+
+
+def _confirm(yes: bool, what: str) -> None:
+    """Raise ConfigError unless the operator confirmed a command that changes history."""
+    if not yes:
+        raise ConfigError(f"{what}; nothing was done", hint="run it again with --yes to confirm")
+
+
+async def _change(run: Run, destination: str, direction: Direction, *, allow_ahead: bool = False) -> None:
+    """Check every selected database, then move each in manifest order, stopping at a failure."""
+    inspected = await _inspect_all(run, destination=destination, allow_ahead=allow_ahead, direction=direction)
     for result, execution in inspected:
         if result.status == "ahead":
             continue
@@ -206,14 +234,16 @@ def _as_tuple(value: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 async def _inspect_all(
-    run: Run, *, destination: str, allow_ahead: bool, quiet: bool = False
+    run: Run, *, destination: str, allow_ahead: bool, quiet: bool = False, direction: Direction = "up"
 ) -> list[tuple[DatabaseResult, Execution]]:
     """Preflight: read every database's revision before anything changes anywhere."""
     targets = preflight(run, destination)
     inspected = []
     for target in targets:
         result = run.report.add(DatabaseResult(target.service, target.database, target.fields()["instance"]))
-        execution = Execution(run.services[target.service], target, destination, quiet=quiet)
+        execution = Execution(
+            run.services[target.service], target, destination, quiet=quiet, direction=direction
+        )
         inspected.append((result, execution))
     for result, execution in inspected:
         try:
@@ -299,7 +329,8 @@ async def _apply_once(run: Run, result: DatabaseResult, expected: Execution, app
         await _close(engine, connection)
         result.duration_ms += elapsed_ms(started)
         _record(result, execution, applied)
-    result.status, result.error = ("applied" if applied else "current"), None
+    done = {"up": "applied", "down": "reverted", "stamp": "stamped"}[expected.direction]
+    result.status, result.error = (done if applied else "current"), None
 
 
 def _finish(result: DatabaseResult, execution: Execution, status: str) -> None:
@@ -356,7 +387,7 @@ def _record(result: DatabaseResult, execution: Execution, applied: list[Step]) -
         result.from_revision = plan.from_revision
     result.applied = [s.revision for s in applied] or result.applied
     if applied:
-        result.to_revision = applied[-1].revision
+        result.to_revision = applied[-1].lands_at
     elif plan is not None and result.to_revision is None:
         result.to_revision = plan.from_revision
     if plan is not None:

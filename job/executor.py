@@ -12,17 +12,17 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from job import logs
 from job.errors import MigrateJobError, MigrationFailed
-from job.plan import Plan, Step, compute_plan
+from job.plan import Direction, Plan, Step, compute_plan
 from job.report import elapsed_ms
 
 if TYPE_CHECKING:
-    from alembic.runtime.migration import MigrationContext, RevisionStep
+    from alembic.runtime.migration import MigrationContext, MigrationStep
     from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -45,12 +45,13 @@ class Execution:
     version_table: str = "alembic_version"
     version_schema: str | None = None
     quiet: bool = False
+    direction: Direction = "up"
 
-    def __call__(self, heads: tuple[str, ...], context: MigrationContext) -> Iterator[RevisionStep]:
+    def __call__(self, heads: tuple[str, ...], context: MigrationContext) -> Iterator[MigrationStep]:
         """Alembic's ``fn``: compute the plan from the heads read under env.py's settings."""
         self.version_table = context.version_table
         self.version_schema = context.version_table_schema
-        self.plan = compute_plan(self.service, tuple(heads), self.destination)
+        self.plan = compute_plan(self.service, tuple(heads), self.destination, self.direction)
         if not self.quiet and (self.expected is None or self.expected.steps != self.plan.steps):
             # Read-only passes always say what they found; an apply pass only when the database
             # moved since (another execution did the work while we waited for the lock).
@@ -59,7 +60,11 @@ class Execution:
             return iter(())
         return self._steps(self.plan)
 
-    def _steps(self, plan: Plan) -> Iterator[RevisionStep]:
+    def again(self) -> Execution:
+        """Return a fresh apply pass that expects this pass's plan (the database may have moved)."""
+        return replace(self, apply=True, expected=self.plan, plan=None, applied=[], running=None)
+
+    def _steps(self, plan: Plan) -> Iterator[MigrationStep]:
         """Yield the plan's steps; Alembic resumes us only after a step's transaction committed."""
         for shown, step in zip(plan.steps, plan.alembic_steps, strict=True):
             self.running = shown
@@ -67,11 +72,14 @@ class Execution:
             yield step
             self.running = None
             self.applied.append(shown)
+            verb = {"up": "applied", "down": "reverted", "stamp": "stamped"}[self.direction]
             logs.event(
                 "migration.applied",
-                f"applied {shown.revision} ({shown.message}) to {self.target.entry.label}",
+                f"{verb} {shown.revision} ({shown.message}) on {self.target.entry.label}",
                 revision=shown.revision,
                 description=shown.message,
+                direction=None if self.direction == "up" else self.direction,
+                at_revision=shown.lands_at,
                 duration_ms=elapsed_ms(started),
                 **self.target.fields(),
             )
@@ -82,7 +90,7 @@ class Execution:
         logs.event(
             "db.plan",
             f"{self.target.entry.label} is at {plan.from_revision or 'base'}; "
-            + (f"{len(pending)} revision(s) to {plan.target}" if pending else "nothing to do"),
+            + (f"{len(pending)} step(s) to {plan.target or 'base'}" if pending else "nothing to do"),
             from_revision=plan.from_revision,
             to_revision=plan.target,
             pending=pending,
@@ -94,7 +102,7 @@ class Execution:
     def revision_now(self) -> str | None:
         """Return the revision the database is at after this pass."""
         if self.applied:
-            return self.applied[-1].revision
+            return self.applied[-1].lands_at
         return self.plan.from_revision if self.plan else None
 
 
@@ -303,7 +311,7 @@ async def apply_with_retries(
     async def attempt() -> Execution:
         nonlocal last
         assert expected.plan is not None
-        last = Execution(expected.service, expected.target, expected.destination, True, expected.plan)
+        last = expected.again()
         try:
             async with BlockerWatch(engine, pid) as watch:
                 return await execute(connection, last)

@@ -1,19 +1,25 @@
 """What would run: computed read-only from a database's current heads and the service's scripts.
 
-The same ``Plan`` is shown by ``plan``, judged by ``plan --check`` and applied by ``upgrade``.
+The same ``Plan`` is shown by ``plan``, judged by ``plan --check`` and applied by ``upgrade``;
+``downgrade`` and ``stamp`` plan the same way in their own direction.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from job.errors import ConfigError, HistoryError
 
 if TYPE_CHECKING:
-    from alembic.runtime.migration import RevisionStep
+    from alembic.runtime.migration import MigrationStep
 
     from job.services import Service
+
+Direction = Literal["up", "down", "stamp"]
+# Targets Alembic resolves against the database's position, not to one revision of the scripts.
+RELATIVE = re.compile(r"^(?:[+-]\d+|base|heads?)$")
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,7 @@ class Step:
     revision: str
     message: str
     down_revision: tuple[str, ...]
+    lands_at: str | None  # the revision the database is at once this step committed
 
     def fields(self) -> dict[str, Any]:
         """Return the step as a log field."""
@@ -37,7 +44,8 @@ class Plan:
     current: tuple[str, ...]
     target: str | None
     steps: tuple[Step, ...]
-    alembic_steps: tuple[RevisionStep, ...]
+    alembic_steps: tuple[MigrationStep, ...]
+    direction: Direction = "up"
 
     @property
     def pending(self) -> bool:
@@ -50,24 +58,52 @@ class Plan:
         return "+".join(self.current) or None
 
 
-def compute_plan(service: Service, current: tuple[str, ...], target: str = "head") -> Plan:
-    """Return the upgrade plan from current to target; raise HistoryError on an unknown history."""
-    script = service.script
-    head = service.head()
+def compute_plan(
+    service: Service, current: tuple[str, ...], target: str = "head", direction: Direction = "up"
+) -> Plan:
+    """Return the plan from current to target; raise HistoryError on an unknown history."""
+    service.head()
     _check_known(service, current)
-    destination = head if target == "head" else resolve_revision(service, target)
+    if direction == "up" and target == "head":
+        return _plan(service, current, service.head(), "up", HistoryError)
+    destination = target if RELATIVE.match(target) else resolve_revision(service, target)
+    return _plan(service, current, destination, direction, ConfigError)
+
+
+def _plan(
+    service: Service,
+    current: tuple[str, ...],
+    destination: str | None,
+    direction: Direction,
+    error: type[ConfigError] | type[HistoryError],
+) -> Plan:
+    """Return the plan Alembic computes for one direction; raise error if it cannot."""
     if destination is None:
-        return Plan(service.name, current, None, (), ())
+        return Plan(service.name, current, None, (), (), direction)
+    script = service.script
     try:
-        steps = tuple(script._upgrade_revs(destination, current))  # type: ignore[arg-type]
+        if direction == "up":
+            steps: tuple[MigrationStep, ...] = tuple(script._upgrade_revs(destination, current))  # type: ignore[arg-type]
+        elif direction == "down":
+            steps = tuple(script._downgrade_revs(destination, current))  # type: ignore[arg-type]
+        else:
+            steps = tuple(script._stamp_revs(destination, current))
     except Exception as exc:
-        raise HistoryError(
-            f"service {service.name}: cannot plan from {'+'.join(current) or 'base'} to {destination}: {exc}",
-            hint="pick a target that is ahead of the database (migrate-job history)",
+        raise error(
+            f"service {service.name}: cannot {direction_word(direction)} from "
+            f"{'+'.join(current) or 'base'} to {destination}: {exc}",
+            hint="pick a target that lies in that direction (migrate-job history shows the graph)",
             service=service.name,
             revision=destination,
         ) from exc
-    return Plan(service.name, current, destination, tuple(_step(s) for s in steps), steps)
+    shown = tuple(_step(s, direction) for s in steps)
+    lands = shown[-1].lands_at if shown else "+".join(current) or None
+    return Plan(service.name, current, lands, shown, steps, direction)
+
+
+def direction_word(direction: Direction) -> str:
+    """Return the verb for a direction."""
+    return {"up": "upgrade", "down": "downgrade", "stamp": "stamp"}[direction]
 
 
 def resolve_revision(service: Service, target: str) -> str:
@@ -104,9 +140,14 @@ def _check_known(service: Service, current: tuple[str, ...]) -> None:
             )
 
 
-def _step(step: RevisionStep) -> Step:
+def _step(step: MigrationStep, direction: Direction) -> Step:
     """Return the displayable form of an Alembic step."""
-    script = step.revision
+    if direction == "stamp":
+        to = tuple(step.to_revisions)  # type: ignore[attr-defined]
+        froms = tuple(step.from_revisions)  # type: ignore[attr-defined]
+        return Step("+".join(to) or "base", "stamp", froms, "+".join(to) or None)
+    script = step.revision  # type: ignore[attr-defined]
     down = script.down_revision
     downs = (down,) if isinstance(down, str) else tuple(down or ())
-    return Step(script.revision, (script.doc or "").strip(), downs)
+    lands = script.revision if direction == "up" else "+".join(downs) or None
+    return Step(script.revision, (script.doc or "").strip(), downs, lands)

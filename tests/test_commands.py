@@ -62,3 +62,57 @@ def test_heads_and_history_need_no_database(tmp_path: Path, job_env: dict[str, s
     assert revisions[0]["is_head"] and revisions[0]["down_revision"] == ["c81a6c877761"]
     assert revisions[1]["down_revision"] == [] and revisions[1]["description"] == "initial migration"
     assert revisions[0]["path"].startswith("migrations/versions/")
+
+
+def test_downgrade_needs_yes_and_is_refused_where_the_manifest_forbids_it(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """A downgrade drops data: it needs --yes, and prod's allow_downgrade = false refuses it outright."""
+    database = make_database("settlement")
+    allowed = {**job_env, "MIGRATE_MANIFEST": str(write_manifest(tmp_path / "a.toml", [database.entry()]))}
+    forbidden = {
+        **job_env,
+        "MIGRATE_MANIFEST": str(
+            write_manifest(tmp_path / "p.toml", [database.entry()], allow_downgrade=False)
+        ),
+    }
+    assert run_job(env=allowed).code == 0
+    unconfirmed = run_job("downgrade", "--to", "-1", env=allowed)
+    assert unconfirmed.code == 2 and "--yes" in unconfirmed.events("run.error")[0]["hint"]
+    refused = run_job("downgrade", "--to", "base", "--yes", env=forbidden)
+    assert refused.code == 2 and "allow_downgrade" in refused.events("run.error")[0]["message"]
+    assert database.version() == [HEADS["settlement"]], "nothing was undone"
+
+
+def test_downgrade_then_upgrade_by_steps(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """downgrade --to -1 / base really undo, and upgrade --to +1 moves one revision at a time."""
+    database = make_database("settlement")
+    env = {**job_env, "MIGRATE_MANIFEST": str(write_manifest(tmp_path / "m.toml", [database.entry()]))}
+    assert run_job(env=env).code == 0
+    one = run_job("downgrade", "--to", "-1", "--yes", env=env)
+    assert one.code == 0, one.stdout
+    assert database.version() == ["c81a6c877761"] and "escrows" not in database.tables()
+    assert (
+        one.by_database()[database.name] | {"status": "reverted", "to_revision": "c81a6c877761"}
+        == (one.by_database()[database.name])
+    )
+    assert run_job("downgrade", "--to", "base", "--yes", env=env).code == 0
+    assert database.version() == [] and database.tables() <= {"alembic_version"}
+    step = run_job("upgrade", "--to", "+1", env=env)
+    assert step.code == 0 and database.version() == ["c81a6c877761"]
+
+
+def test_stamp_records_a_revision_without_running_it(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """stamp (after a restore or a manual fix) writes alembic_version only, and needs --yes."""
+    database = make_database("risk-engine")
+    env = {**job_env, "MIGRATE_MANIFEST": str(write_manifest(tmp_path / "m.toml", [database.entry()]))}
+    assert run_job("stamp", "head", env=env).code == 2
+    stamped = run_job("stamp", "head", "--yes", env=env)
+    assert stamped.code == 0, stamped.stdout
+    assert database.version() == [HEADS["risk-engine"]]
+    assert database.tables() == {"alembic_version"}, "no migration ran"
+    assert stamped.by_database()[database.name]["status"] == "stamped"
