@@ -32,6 +32,7 @@ MAX_SOCKET_PATH = 100
 CMD_TIMEOUT = 120
 
 Kind = Literal["env", "testcontainers", "local"]
+PgCtlAction = Literal["stop", "start"]
 T = TypeVar("T")
 
 
@@ -47,6 +48,8 @@ class PgServer:
     password: str = field(repr=False)
     kind: Kind
     _cleanup: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    # Runs `pg_ctl stop` or `pg_ctl start` on a local server's data directory (kind "local" only).
+    _pg_ctl: Callable[[PgCtlAction], None] | None = field(default=None, repr=False, compare=False)
 
     def admin_dsn(self, database: str = "postgres") -> str:
         """Return a libpq/asyncpg URL for the superuser, with every component percent-quoted."""
@@ -107,6 +110,25 @@ class PgServer:
         cleanup, self._cleanup = self._cleanup, None
         if cleanup is not None:
             cleanup()
+
+    def stop_server(self) -> None:
+        """Stop a local server's postmaster (fast shutdown), keeping its data for start_server()."""
+        self._local_pg_ctl()("stop")
+
+    def start_server(self) -> None:
+        """Start a stopped local server on the same port and socket directory; wait until ready."""
+        self._local_pg_ctl()("start")
+
+    def restart(self) -> None:
+        """Stop and start a local server, as clients see a restart or failover of the instance."""
+        self.stop_server()
+        self.start_server()
+
+    def _local_pg_ctl(self) -> Callable[[PgCtlAction], None]:
+        """Return the pg_ctl runner of a local server that stop() has not removed; else raise."""
+        if self._pg_ctl is None or self._cleanup is None:
+            raise ValueError(f"cannot stop or start this {self.kind} server: only a local one, before stop()")
+        return self._pg_ctl
 
     async def _connect(self, database: str) -> asyncpg.Connection:
         """Open a superuser connection to the given database."""
@@ -355,6 +377,18 @@ def start_local_server(base_dir: Path | None = None, *, password: str | None = N
             _run([bindir / "pg_ctl", "-D", datadir, "-m", "fast", "-w", "-t", "60", "stop"], account)
         remove_dirs()
 
+    def pg_ctl(action: PgCtlAction) -> None:
+        """Stop (fast) or start the postmaster on its port and socket dir, waiting until done."""
+        if action == "stop":
+            _run([bindir / "pg_ctl", "-D", datadir, "-m", "fast", "-w", "-t", "60", "stop"], account)
+            return
+        logfile = workdir / "server.log"
+        cmd = [bindir / "pg_ctl", "-D", datadir, "-o", f"-p {port}", "-l", logfile, "-w", "-t", "60", "start"]
+        try:
+            _run(cmd, account)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n--- server log tail ---\n{_tail(logfile)}") from None
+
     server = PgServer(
         host="127.0.0.1",
         port=port,
@@ -363,6 +397,7 @@ def start_local_server(base_dir: Path | None = None, *, password: str | None = N
         password=password,
         kind="local",
         _cleanup=cleanup,
+        _pg_ctl=pg_ctl,
     )
     # Safety net so an aborted test run or demo does not leave a postmaster behind.
     atexit.register(server.stop)

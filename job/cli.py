@@ -40,6 +40,7 @@ EXIT_CODES: dict[type[MigrateJobError], int] = {
 }
 # Failures whose stack trace helps: a bug in the job, or a migration that raised.
 TRACED = {1, 7}
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 DESCRIPTION = """\
 Upgrade every database of an environment manifest with its service's Alembic migrations.
@@ -116,9 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return the process exit code."""
     args = build_parser().parse_args(argv)
     args.command = args.command or "upgrade"
-    # Until the event loop takes over, SIGTERM ends the run like SIGINT does (PID 1 in a
-    # container ignores SIGTERM unless a handler is installed).
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    # Hold SIGTERM and SIGINT until the event loop turns them into a clean cancel (_dispatch):
+    # raised from a plain handler at an arbitrary point (an import, logging set-up), they can be
+    # swallowed or mistaken for a bug. PID 1 in a container has no default SIGTERM action anyway.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     report = RunReport(args.command)
     code = 0
     try:
@@ -128,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_code(exc)
         _log_error(exc, code)
     finally:
+        # The outcome is decided: a signal now must not turn it into a death by signal.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         _log_summary(report, code)
         logging.shutdown()
     return code
@@ -142,11 +146,6 @@ def _setting_error(exc: ValidationError) -> ConfigError:
         f"invalid {name}: {err['msg']}",
         hint=f"fix or unset {name} (see the settings table in the README)",
     )
-
-
-def _raise_interrupted(signum: int, frame: object) -> None:
-    """Signal handler: stop the run with Interrupted."""
-    raise Interrupted(signum)
 
 
 def _prepare(args: argparse.Namespace, report: RunReport) -> Run:
@@ -196,8 +195,10 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
             task.cancel()
 
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop, signum)
+    # A signal that arrived while blocked is delivered now, to the handler above.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         if args.command == "plan":
             await commands.plan(run, check=args.check, to=args.to, allow_ahead=args.allow_ahead)
@@ -217,6 +218,9 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
         if received:
             raise Interrupted(received[0]) from None
         raise
+    finally:
+        # Before asyncio.run closes the loop, which puts back the default (deadly) handlers.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 def _log_error(exc: BaseException, code: int) -> None:

@@ -266,7 +266,11 @@ async def _inspect(run: Run, result: DatabaseResult, execution: Execution) -> No
     """Connect, read the database's revision through env.py and plan; change nothing."""
     target = execution.target
     started = time.monotonic()
-    engine, connection = await _connect(run, target)
+    try:
+        engine, connection = await _connect(run, target)
+    except MigrateJobError as exc:
+        result.status, result.error = "failed", exc.message
+        raise
     try:
         logs.event(
             "db.connected",
@@ -279,6 +283,8 @@ async def _inspect(run: Run, result: DatabaseResult, execution: Execution) -> No
     finally:
         await _close(engine, connection)
         result.duration_ms += elapsed_ms(started)
+    # Where the database was when this run first looked; later passes must not move it.
+    result.from_revision = execution.plan.from_revision if execution.plan else None
     _record(result, execution, [])
 
 
@@ -383,8 +389,6 @@ async def _close(engine: AsyncEngine, connection: AsyncConnection) -> None:
 def _record(result: DatabaseResult, execution: Execution, applied: list[Step]) -> None:
     """Fill in a database's revisions from what its passes saw and what committed."""
     plan = execution.plan or execution.expected
-    if result.from_revision is None and plan is not None:
-        result.from_revision = plan.from_revision
     result.applied = [s.revision for s in applied] or result.applied
     if applied:
         result.to_revision = applied[-1].lands_at

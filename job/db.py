@@ -193,11 +193,13 @@ async def connect(
     )
     loop = asyncio.get_running_loop()
     started = loop.time()
+    backoff = wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.3)
     try:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(is_transient),
             stop=stop_after_delay(timeout_s) | stop_after_attempt(100),
-            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.3),
+            # The last sleep ends at the deadline, so the whole wait is timeout_s, not more.
+            wait=lambda state: max(0.0, min(backoff(state), timeout_s - (state.seconds_since_start or 0.0))),
             before_sleep=lambda state: _log_retry(target, state),
             reraise=True,
         ):
@@ -292,6 +294,10 @@ def is_connection_lost(exc: BaseException) -> bool:
         return state in LOST_SQLSTATES
     for cause in _causes(exc):
         if isinstance(cause, (ConnectionError, OSError)):
+            return True
+        # asyncpg's protocol broke: typically the server's FATAL (shutdown, terminate) arrived
+        # while the connection sat idle between two statements. The connection is unusable.
+        if type(cause).__name__ == "InternalClientError":
             return True
         if type(cause).__name__ in {"ConnectionDoesNotExistError", "InterfaceError"} and (
             "closed" in str(cause) or "connection" in str(cause).lower()

@@ -251,7 +251,6 @@ def _broken(w: World) -> dict[str, str]:
     }
 
 
-
 CASES: list[Case] = [
     # --- manifest -------------------------------------------------------------------------------
     Case("not-toml", "manifest", _manifest_text("not-toml"), 2, "config", ("not-toml.toml", "TOML")),
