@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from job import logs
@@ -83,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stamp", parents=[selectors], help="record a revision without running migrations")
     st.add_argument("revision", metavar="REV", help="a revision, head or base")
     st.add_argument("--yes", action="store_true", help="confirm")
+    sq = sub.add_parser("sql", parents=[selectors], help="print the SQL upgrade would run, for review")
+    sq.add_argument(
+        "--from", dest="start", metavar="REV", help="render from REV (or base) without connecting"
+    )
+    sq.add_argument("--to", default="head", metavar="REV", help="target revision (default: head)")
+    sq.add_argument("--output", type=Path, metavar="DIR", help="write <service>__<database>.sql files here")
     cur = sub.add_parser("current", parents=[selectors], help="show each database's revision, read-only")
     cur.add_argument("--allow-ahead", action="store_true", help=ALLOW_AHEAD_HELP)
     sub.add_parser("heads", parents=[selectors], help="show each service's head revision (no database)")
@@ -206,6 +213,8 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
             await commands.downgrade(run, args.to, yes=args.yes)
         elif args.command == "stamp":
             await commands.stamp(run, args.revision, yes=args.yes)
+        elif args.command == "sql":
+            await commands.sql(run, start=args.start, to=args.to, output=args.output)
         elif args.command == "current":
             await commands.current(run, allow_ahead=args.allow_ahead)
         elif args.command == "heads":

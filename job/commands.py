@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from job import db, logs
 from job.errors import ConfigError, HistoryError, MigrateJobError, PendingMigrations
-from job.executor import Execution, apply_with_retries, execute
+from job.executor import Execution, apply_with_retries, execute, render_sql
 from job.lock import MigrationLock, lock_key
 from job.manifest import DatabaseEntry, Manifest, load_manifest
 from job.plan import RELATIVE, Direction, Step, resolve_revision
@@ -123,6 +123,49 @@ async def stamp(run: Run, revision: str, *, yes: bool = False) -> None:
     """Set the recorded revision without running migrations (after a manual fix or a restore)."""
     _confirm(yes, f"stamp {revision} records a revision without running its migrations")
     await _change(run, revision, "stamp")
+
+
+async def sql(run: Run, *, start: str | None = None, to: str = "head", output: Path | None = None) -> None:
+    """Render, per database, the SQL that upgrade would run (from its revision, or from start)."""
+    if start is None:
+        inspected = await _inspect_all(run, destination=to, allow_ahead=False, quiet=True)
+        pairs = [(r, e, e.plan.current if e.plan else ()) for r, e in inspected]
+    else:
+        targets = preflight(run, to)
+        if start != "base":
+            for name in dict.fromkeys(t.service for t in targets):
+                resolve_revision(run.services[name], start)
+        begin: tuple[str, ...] = () if start == "base" else (start,)
+        pairs = [
+            (
+                run.report.add(DatabaseResult(t.service, t.database, t.fields()["instance"])),
+                Execution(run.services[t.service], t, to, quiet=True),
+                begin,
+            )
+            for t in targets
+        ]
+    for result, execution, begin in pairs:
+        rendered = Execution(execution.service, execution.target, to, apply=True, quiet=True, offline=True)
+        text = logs.scrub(render_sql(rendered, begin))
+        path = None
+        if output is not None:
+            output.mkdir(parents=True, exist_ok=True)
+            path = output / f"{execution.target.service}__{execution.target.database}.sql"
+            path.write_text(text, encoding="utf-8")
+        result.status = "pending" if rendered.plan and rendered.plan.pending else "current"
+        result.from_revision = "+".join(begin) or None
+        result.to_revision = rendered.plan.target if rendered.plan else result.from_revision
+        result.pending = [s.revision for s in rendered.plan.steps] if rendered.plan else []
+        logs.event(
+            "db.sql",
+            f"SQL for {execution.target.entry.label} from {result.from_revision or 'base'} "
+            f"to {result.to_revision or 'base'}" + (f" written to {path}" if path else ""),
+            from_revision=result.from_revision,
+            to_revision=result.to_revision,
+            path=str(path) if path else None,
+            sql=None if path else text,
+            **execution.target.fields(),
+        )
 
 
 def _confirm(yes: bool, what: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from job import logs
-from job.errors import MigrateJobError, MigrationFailed
+from job.errors import ConfigError, MigrateJobError, MigrationFailed
 from job.plan import Direction, Plan, Step, compute_plan
 from job.report import elapsed_ms
 
@@ -46,6 +46,7 @@ class Execution:
     version_schema: str | None = None
     quiet: bool = False
     direction: Direction = "up"
+    offline: bool = False  # rendering SQL: nothing is applied, so nothing is logged as applied
 
     def __call__(self, heads: tuple[str, ...], context: MigrationContext) -> Iterator[MigrationStep]:
         """Alembic's ``fn``: compute the plan from the heads read under env.py's settings."""
@@ -72,6 +73,8 @@ class Execution:
             yield step
             self.running = None
             self.applied.append(shown)
+            if self.offline:
+                continue
             verb = {"up": "applied", "down": "reverted", "stamp": "stamped"}[self.direction]
             logs.event(
                 "migration.applied",
@@ -132,6 +135,40 @@ def _run_env(connection: Connection, execution: Execution) -> None:
     config.attributes["connection"] = connection
     with EnvironmentContext(config, service.script, fn=execution, dont_mutate=not execution.apply):
         service.script.run_env()
+
+
+def render_sql(execution: Execution, start: tuple[str, ...]) -> str:
+    """Return the SQL the execution's plan would run from start, rendered offline (no database)."""
+    import io
+
+    from alembic.runtime.environment import EnvironmentContext
+
+    service = execution.service
+    config = service.config()
+    buffer = io.StringIO()
+    config.output_buffer = buffer
+    starting = start[0] if len(start) == 1 else None
+    if len(start) > 1:
+        raise ConfigError(
+            f"service {service.name}: offline SQL from several heads ({'+'.join(start)}) is not supported",
+            hint="render from one revision with --from",
+            service=service.name,
+        )
+    try:
+        with EnvironmentContext(
+            config,
+            service.script,
+            fn=execution,
+            as_sql=True,
+            starting_rev=starting,
+            destination_rev=execution.destination,
+        ):
+            service.script.run_env()
+    except MigrateJobError:
+        raise
+    except Exception as exc:
+        raise _failure(execution, exc) from exc
+    return buffer.getvalue()
 
 
 def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:

@@ -116,3 +116,52 @@ def test_stamp_records_a_revision_without_running_it(
     assert database.version() == [HEADS["risk-engine"]]
     assert database.tables() == {"alembic_version"}, "no migration ran"
     assert stamped.by_database()[database.name]["status"] == "stamped"
+
+
+CATALOG = """
+SELECT table_name, column_name, data_type, is_nullable, column_default, character_maximum_length
+FROM information_schema.columns WHERE table_schema = 'public'
+UNION ALL
+SELECT tablename, indexname, indexdef, '', '', NULL FROM pg_indexes WHERE schemaname = 'public'
+UNION ALL
+SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), '', '', NULL
+FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+ORDER BY 1, 2
+"""
+
+
+def test_offline_sql_builds_the_same_schema_as_upgrade(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """What a DBA reviews (`sql`) is what upgrade does: applied by hand it gives the same catalog."""
+    for service in HEADS:
+        by_job, by_hand = make_database(service), make_database(service)
+        env = {
+            **job_env,
+            "MIGRATE_MANIFEST": str(write_manifest(tmp_path / f"{service}.toml", [by_job.entry()])),
+        }
+        assert run_job(env=env).code == 0
+        rendered = run_job("sql", "--from", "base", "--output", str(tmp_path / service), env=env)
+        assert rendered.code == 0, rendered.stdout
+        assert rendered.events("migration.applied") == [], "rendering applies nothing"
+        (path,) = (tmp_path / service).glob("*.sql")
+        by_hand.pg.execute(path.read_text(), database=by_hand.name)
+        assert by_hand.version() == by_job.version() == [HEADS[service]]
+        assert by_hand.pg.fetch(CATALOG, database=by_hand.name) == by_job.pg.fetch(
+            CATALOG, database=by_job.name
+        )
+
+
+def test_sql_without_from_starts_at_the_database_revision(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """Without --from, sql reads each database's revision and renders only what is pending."""
+    database = make_database("settlement")
+    env = {**job_env, "MIGRATE_MANIFEST": str(write_manifest(tmp_path / "m.toml", [database.entry()]))}
+    assert run_job("upgrade", "--to", "c81a6c877761", env=env).code == 0
+    rendered = run_job("sql", env=env)
+    assert rendered.code == 0
+    (line,) = rendered.events("db.sql")
+    assert line["from_revision"] == "c81a6c877761" and line["to_revision"] == HEADS["settlement"]
+    assert "CREATE TABLE escrows" in line["sql"] and "settlement_commands" not in line["sql"]
+    assert database.version() == ["c81a6c877761"], "sql never writes"
