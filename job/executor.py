@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -112,7 +114,7 @@ class Execution:
 async def execute(connection: AsyncConnection, execution: Execution) -> Execution:
     """Run env.py on the connection for this execution; raise MigrationFailed if a step fails."""
     try:
-        await connection.run_sync(_run_env, execution)
+        await _run_env_where_it_can(connection, execution)
     except MigrateJobError:
         await connection.rollback()
         raise
@@ -126,15 +128,71 @@ async def execute(connection: AsyncConnection, execution: Execution) -> Executio
     return execution
 
 
-def _run_env(connection: Connection, execution: Execution) -> None:
-    """Run the service's env.py with the live connection and the execution as its ``fn``."""
+async def _run_env_where_it_can(connection: AsyncConnection, execution: Execution) -> None:
+    """Run env.py on the job's connection; if it calls asyncio.run, in a thread with no loop."""
+    own_loop = False
+    with warnings.catch_warnings():
+        # The async template's coroutine, never awaited when asyncio.run refuses to nest.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            await connection.run_sync(_run_env, execution)
+        except RuntimeError as exc:
+            if execution.plan is not None or "running event loop" not in str(exc):
+                raise
+            own_loop = True
+    if own_loop:
+        # Alembic's async template ignores config.attributes and runs asyncio.run itself.
+        await asyncio.to_thread(_run_env, None, execution)
+
+
+def _run_env(connection: Connection | None, execution: Execution) -> None:
+    """Run the service's env.py with the execution as its ``fn``, whatever shape env.py has.
+
+    The cookbook shape takes the live connection from ``config.attributes``; the templates build
+    their own engine from ``sqlalchemy.url`` (``%`` doubled for ConfigParser) or ``DATABASE_URL``.
+    """
     from alembic.runtime.environment import EnvironmentContext
 
     service = execution.service
     config = service.config()
-    config.attributes["connection"] = connection
-    with EnvironmentContext(config, service.script, fn=execution, dont_mutate=not execution.apply):
+    if connection is not None:
+        config.attributes["connection"] = connection
+    url = execution.target.url.render_as_string(hide_password=False)
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    with (
+        _environment(DATABASE_URL=url),
+        _job_owns_logging(),
+        EnvironmentContext(config, service.script, fn=execution, dont_mutate=not execution.apply),
+    ):
         service.script.run_env()
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration (env.py files that read DATABASE_URL)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+@contextlib.contextmanager
+def _job_owns_logging() -> Iterator[None]:
+    """Make logging.config.fileConfig a no-op while env.py runs: it would replace the job's logs."""
+    import logging.config
+
+    original = logging.config.fileConfig
+    logging.config.fileConfig = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        logging.config.fileConfig = original
 
 
 def render_sql(execution: Execution, start: tuple[str, ...]) -> str:
