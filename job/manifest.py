@@ -143,13 +143,15 @@ def _check_services(manifest: Manifest, services: Collection[str]) -> None:
 
 def _check_unique(manifest: Manifest) -> None:
     """Raise ConfigError when two entries name the same database on the same server."""
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, str, str], int] = {}
     for i, entry in enumerate(manifest.databases):
-        key = (entry.url or entry.location, entry.database)
+        # Several services may share a database (each with its own version table); one service
+        # may not list the same database twice.
+        key = (entry.url or entry.location, entry.database, entry.service)
         if key in seen:
             raise ConfigError(
                 f"manifest {manifest.path}: databases[{i}] repeats database {entry.database!r} "
-                f"on {entry.location} (already databases[{seen[key]}])",
+                f"of service {entry.service} on {entry.location} (already databases[{seen[key]}])",
                 hint="each database appears once; several databases may share one service",
                 database=entry.database,
             )

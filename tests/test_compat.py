@@ -1,0 +1,66 @@
+"""Alembic projects as people have them: branches and merges, custom version tables, shared databases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import Database
+from tests.support import FIXTURES, run_job, write_manifest
+
+COMPAT = str(FIXTURES / "compat")
+
+
+def env_for(job_env: dict[str, str], tmp_path: Path, entries: list[dict]) -> dict[str, str]:
+    """Return the job's environment for a manifest of compatibility fixtures."""
+    manifest = write_manifest(tmp_path / "m.toml", entries)
+    return {**job_env, "MIGRATE_MANIFEST": str(manifest), "MIGRATE_SERVICES_DIR": COMPAT}
+
+
+def test_branched_history_with_a_merge_applies_every_branch_once(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """Two branches and their merge revision: all applied, the database ends at the merge."""
+    database = make_database("branched")
+    env = env_for(job_env, tmp_path, [database.entry()])
+    run = run_job(env=env)
+    assert run.code == 0, run.stdout
+    applied = [e["revision"] for e in run.events("migration.applied")]
+    assert applied[0] == "b0000000000a" and applied[-1] == "b0000000003d"
+    assert sorted(applied[1:3]) == ["b0000000001b", "b0000000002c"]
+    assert database.version() == ["b0000000003d"]
+    assert {"trunk", "left_branch", "right_branch"} <= database.tables()
+    back = run_job("downgrade", "--to", "b0000000000a", "--yes", env=env)
+    assert back.code == 0, back.stdout
+    assert database.version() == ["b0000000000a"] and "left_branch" not in database.tables()
+
+
+def test_custom_version_table_and_schema_are_honoured(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """env.py names meta.versioned_history: the job reads and writes that table, never alembic_version."""
+    database = make_database("versioned")
+    database.pg.execute(f'CREATE SCHEMA meta AUTHORIZATION "{database.role}"', database=database.name)
+    env = env_for(job_env, tmp_path, [database.entry()])
+    assert run_job(env=env).code == 0
+    rows = database.pg.fetch("SELECT version_num FROM meta.versioned_history", database=database.name)
+    assert [r["version_num"] for r in rows] == ["c0000000000a"]
+    assert "alembic_version" not in database.tables()
+    current = run_job("current", env=env)
+    assert current.events("db.current")[0]["revision"] == "c0000000000a"
+
+
+def test_services_sharing_one_database_keep_separate_histories(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """Two services, one database, two version tables: both migrate, neither blocks the other."""
+    database = make_database("shared_a")
+    entry_a = database.entry()
+    entry_b = {**entry_a, "service": "shared_b"}
+    env = env_for(job_env, tmp_path, [entry_a, entry_b])
+    run = run_job(env=env)
+    assert run.code == 0, run.stdout
+    assert [d["status"] for d in run.summary["databases"]] == ["applied", "applied"]
+    tables = database.tables()
+    assert {"shared_a_things", "shared_b_things", "shared_a_version", "shared_b_version"} <= tables
+    assert run_job("plan", "--check", env=env).code == 0
