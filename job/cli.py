@@ -90,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sq.add_argument("--to", default="head", metavar="REV", help="target revision (default: head)")
     sq.add_argument("--output", type=Path, metavar="DIR", help="write <service>__<database>.sql files here")
+    ver = sub.add_parser(
+        "verify",
+        parents=[selectors],
+        help="check every revision round-trips (up, down, up) on a scratch database",
+    )
+    ver.add_argument(
+        "--scratch",
+        required=True,
+        metavar="REF",
+        help="secret reference to a URL whose role may CREATE DATABASE, e.g. env://VERIFY_URL",
+    )
     cur = sub.add_parser("current", parents=[selectors], help="show each database's revision, read-only")
     cur.add_argument("--allow-ahead", action="store_true", help=ALLOW_AHEAD_HELP)
     sub.add_parser("heads", parents=[selectors], help="show each service's head revision (no database)")
@@ -215,6 +226,8 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
             await commands.stamp(run, args.revision, yes=args.yes)
         elif args.command == "sql":
             await commands.sql(run, start=args.start, to=args.to, output=args.output)
+        elif args.command == "verify":
+            await commands.verify(run, args.scratch)
         elif args.command == "current":
             await commands.current(run, allow_ahead=args.allow_ahead)
         elif args.command == "heads":

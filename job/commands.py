@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -166,6 +167,145 @@ async def sql(run: Run, *, start: str | None = None, to: str = "head", output: P
             sql=None if path else text,
             **execution.target.fields(),
         )
+
+
+CATALOG_SQL = """
+SELECT 'column' AS kind, table_schema || '.' || table_name AS owner, column_name AS name,
+       data_type || ' ' || is_nullable || ' ' || coalesce(column_default, '') AS definition
+FROM information_schema.columns WHERE table_schema NOT IN ('pg_catalog', 'information_schema')
+UNION ALL
+SELECT 'index', schemaname || '.' || tablename, indexname, indexdef
+FROM pg_indexes WHERE schemaname NOT IN ('pg_catalog', 'information_schema')
+UNION ALL
+SELECT 'constraint', conrelid::regclass::text, conname, pg_get_constraintdef(oid)
+FROM pg_constraint WHERE connamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+UNION ALL
+SELECT 'type', typnamespace::regnamespace::text, typname, typtype::text
+FROM pg_type WHERE typnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+  AND typtype IN ('e', 'd', 'c') AND typrelid = 0
+ORDER BY 1, 2, 3
+"""
+
+
+async def verify(run: Run, scratch: str) -> None:
+    """On a scratch database per service: each revision up, down, up again, with the same schema.
+
+    ``scratch`` is a secret reference to a URL whose role may create databases; the scratch
+    databases are created and dropped here, never the manifest's.
+    """
+    from sqlalchemy.engine import make_url
+
+    from job.manifest import DatabaseEntry
+
+    raw = run.resolver.resolve(run.manifest.reference(scratch))
+    try:
+        database = make_url(raw.get_secret_value()).database or "postgres"
+    except Exception:
+        database = "postgres"  # url_from_secret reports the malformed URL without showing it
+    admin_url = db.url_from_secret(raw, DatabaseEntry(service="verify", database=database, url=scratch))
+    for service in _selected_services(run):
+        name = f"mj_verify_{service.name.replace('-', '_')}_{os.getpid()}"
+        entry = DatabaseEntry(service=service.name, database=name, url=scratch)
+        target = db.Target(entry, admin_url.set(database=name))
+        result = run.report.add(DatabaseResult(service.name, name, "scratch"))
+        await _scratch_database(admin_url, name, create=True)
+        try:
+            await _round_trip(run, service, target, result)
+        finally:
+            await _scratch_database(admin_url, name, create=False)
+
+
+async def _scratch_database(admin_url: Any, name: str, *, create: bool) -> None:
+    """Create or drop a scratch database (autocommit, as PostgreSQL requires)."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    engine = create_async_engine(admin_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            if create:
+                await connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except SQLAlchemyError as exc:
+        raise ConfigError(
+            f"cannot {'create' if create else 'drop'} scratch database {name}: {db.describe(exc)}",
+            hint="verify needs a URL whose role may CREATE DATABASE (a throwaway server is best)",
+        ) from None
+    finally:
+        await engine.dispose()
+
+
+async def _round_trip(run: Run, service: Service, target: db.Target, result: DatabaseResult) -> None:
+    """Walk the history from base: for each revision, up, down, up, comparing the catalog."""
+    from sqlalchemy import text
+
+    from job.errors import RoundTripFailed
+
+    started = time.monotonic()
+    engine, connection = await _connect(run, target)
+    try:
+        version_tables: set[str] = set()
+
+        async def catalog() -> list[tuple[Any, ...]]:
+            """Return the schema, less the version table (it appears with the first revision)."""
+            rows = (await connection.execute(text(CATALOG_SQL))).all()
+            await connection.commit()
+            return [tuple(r) for r in rows if r.owner not in version_tables]
+
+        async def move(destination: str, direction: Direction) -> None:
+            execution = Execution(
+                service, target, destination, True, quiet=True, direction=direction, offline=True
+            )
+            await execute(connection, execution)
+            schema = execution.version_schema or "public"
+            version_tables.update({execution.version_table, f"{schema}.{execution.version_table}"})
+
+        plan_steps = compute_plan_steps(service)
+        before = await catalog()
+        for step in plan_steps:
+            await move(step.revision, "up")
+            after = await catalog()
+            await move(step.down_revision[0] if len(step.down_revision) == 1 else "-1", "down")
+            if await catalog() != before:
+                raise RoundTripFailed(
+                    f"service {service.name}: the downgrade of {step.revision} ({step.message}) "
+                    "does not restore the schema it started from",
+                    hint="make downgrade() drop exactly what upgrade() creates (indexes, types too)",
+                    service=service.name,
+                    revision=step.revision,
+                )
+            await move(step.revision, "up")
+            if await catalog() != after:
+                raise RoundTripFailed(
+                    f"service {service.name}: {step.revision} ({step.message}) gives a different "
+                    "schema when applied again after its downgrade",
+                    hint="downgrade() leaves something behind that upgrade() then works around",
+                    service=service.name,
+                    revision=step.revision,
+                )
+            before = after
+            result.applied.append(step.revision)
+            logs.event(
+                "verify.revision",
+                f"{service.name}: {step.revision} ({step.message}) round-trips",
+                service=service.name,
+                revision=step.revision,
+            )
+        result.status = "verified"
+    except BaseException:
+        result.status = "failed"
+        raise
+    finally:
+        await _close(engine, connection)
+        result.duration_ms = elapsed_ms(started)
+
+
+def compute_plan_steps(service: Service) -> tuple[Step, ...]:
+    """Return the service's revisions in the order upgrade applies them from an empty database."""
+    from job.plan import compute_plan
+
+    return compute_plan(service, ()).steps
 
 
 def _confirm(yes: bool, what: str) -> None:

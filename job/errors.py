@@ -78,6 +78,12 @@ class MigrationFailed(MigrateJobError):
     kind = "migration_failed"
 
 
+class RoundTripFailed(MigrationFailed):
+    """``verify``: a revision's downgrade does not undo its upgrade."""
+
+    kind = "round_trip"
+
+
 class PendingMigrations(MigrateJobError):
     """``plan --check`` found revisions still to apply."""
 

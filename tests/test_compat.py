@@ -64,3 +64,39 @@ def test_services_sharing_one_database_keep_separate_histories(
     tables = database.tables()
     assert {"shared_a_things", "shared_b_things", "shared_a_version", "shared_b_version"} <= tables
     assert run_job("plan", "--check", env=env).code == 0
+
+
+def test_verify_passes_the_shipped_services_and_names_a_leaky_downgrade(
+    pg: object, tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """verify walks every revision up, down and up on a scratch database, and names the first leak."""
+    from devtools.pgserver import PgServer
+    from tests.support import HEADS, SERVICES_DIR
+
+    assert isinstance(pg, PgServer)
+
+    def env_with(services: list[str], services_dir: str) -> dict[str, str]:
+        """Return the environment for a manifest of these services (verify never connects to them)."""
+        entries = [
+            {"service": s, "database": s.replace("-", "_"), "host": "127.0.0.1", "user": "u", "password": "p"}
+            for s in services
+        ]
+        manifest = write_manifest(tmp_path / f"{services[0]}.toml", entries)
+        return {
+            **job_env,
+            "MIGRATE_MANIFEST": str(manifest),
+            "MIGRATE_SERVICES_DIR": services_dir,
+            "VERIFY_URL": pg.admin_dsn("postgres"),
+        }
+
+    shipped = run_job("verify", "--scratch", "env://VERIFY_URL", env=env_with(list(HEADS), str(SERVICES_DIR)))
+    assert shipped.code == 0, shipped.stdout
+    assert {d["status"] for d in shipped.summary["databases"]} == {"verified"}
+    assert len(shipped.events("verify.revision")) == 4, "every revision of the three services"
+
+    leaky = run_job("verify", "--scratch", "env://VERIFY_URL", env=env_with(["leaky"], COMPAT))
+    assert leaky.code == 7, leaky.stdout
+    error = leaky.events("run.error")[0]
+    assert error["error"] == "round_trip" and error["revision"] == "f0000000000a"
+    left = pg.fetch("SELECT datname FROM pg_database WHERE datname LIKE 'mj_verify_%'")
+    assert left == [], "scratch databases are dropped"
