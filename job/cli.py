@@ -101,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REF",
         help="secret reference to a URL whose role may CREATE DATABASE, e.g. env://VERIFY_URL",
     )
+    rev = sub.add_parser(
+        "revision", parents=[selectors], help="write a new revision file for one --service (local authoring)"
+    )
+    rev.add_argument("-m", "--message", required=True, help="what the revision does")
+    rev.add_argument(
+        "--autogenerate", action="store_true", help="compare models.py with a scratch database at head"
+    )
+    rev.add_argument(
+        "--scratch", metavar="REF", help="with --autogenerate: URL reference whose role may CREATE DATABASE"
+    )
     cur = sub.add_parser("current", parents=[selectors], help="show each database's revision, read-only")
     cur.add_argument("--allow-ahead", action="store_true", help=ALLOW_AHEAD_HELP)
     sub.add_parser("heads", parents=[selectors], help="show each service's head revision (no database)")
@@ -228,6 +238,8 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
             await commands.sql(run, start=args.start, to=args.to, output=args.output)
         elif args.command == "verify":
             await commands.verify(run, args.scratch)
+        elif args.command == "revision":
+            await commands.revision(run, args.message, autogenerate=args.autogenerate, scratch=args.scratch)
         elif args.command == "current":
             await commands.current(run, allow_ahead=args.allow_ahead)
         elif args.command == "heads":

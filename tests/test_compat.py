@@ -100,3 +100,63 @@ def test_verify_passes_the_shipped_services_and_names_a_leaky_downgrade(
     assert error["error"] == "round_trip" and error["revision"] == "f0000000000a"
     left = pg.fetch("SELECT datname FROM pg_database WHERE datname LIKE 'mj_verify_%'")
     assert left == [], "scratch databases are dropped"
+
+
+def test_revision_writes_timestamped_files_and_autogenerates_against_a_scratch_database(
+    pg: object, tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """Authoring: a new revision follows the head with a sortable name; autogenerate sees a new column."""
+    import shutil
+
+    from devtools.pgserver import PgServer
+    from tests.support import SERVICES_DIR
+
+    assert isinstance(pg, PgServer)
+    services = tmp_path / "services"
+    shutil.copytree(SERVICES_DIR / "risk-engine", services / "risk-engine")
+    manifest = write_manifest(
+        tmp_path / "m.toml",
+        [{"service": "risk-engine", "database": "risk", "host": "127.0.0.1", "user": "u", "password": "p"}],
+    )
+    env = {
+        **{k: v for k, v in job_env.items() if not k.startswith("CLOUD_RUN_")},
+        "MIGRATE_MANIFEST": str(manifest),
+        "MIGRATE_SERVICES_DIR": str(services),
+        "VERIFY_URL": pg.admin_dsn("postgres"),
+    }
+    on_cloud_run = run_job(
+        "revision", "-m", "nope", "--service", "risk-engine", env={**env, "CLOUD_RUN_JOB": "j"}
+    )
+    assert on_cloud_run.code == 2, "never from the job's image on Cloud Run"
+
+    plain = run_job("revision", "-m", "add notes", "--service", "risk-engine", env=env)
+    assert plain.code == 0, plain.stdout
+    (created,) = plain.events("revision.created")
+    assert created["down_revision"] == ["9da4646821fb"]
+    assert Path(created["path"]).name.endswith(f"_{created['revision']}_add_notes.py")
+    assert Path(created["path"]).name[:13].replace("_", "").isdigit(), "YYYYMMDD_HHMM prefix"
+    Path(created["path"]).unlink()
+
+    models = services / "risk-engine" / "models.py"
+    text = models.read_text()
+    marker = "    risk_score: Mapped["
+    assert marker in text
+    models.write_text(
+        text.replace(marker, "    review_note: Mapped[str | None] = mapped_column(String(200))\n" + marker, 1)
+    )
+    auto = run_job(
+        "revision",
+        "-m",
+        "add review note",
+        "--autogenerate",
+        "--scratch",
+        "env://VERIFY_URL",
+        "--service",
+        "risk-engine",
+        env=env,
+    )
+    assert auto.code == 0, auto.stdout
+    (generated,) = auto.events("revision.created")
+    body = Path(generated["path"]).read_text()
+    assert "add_column" in body and "review_note" in body
+    assert pg.fetch("SELECT datname FROM pg_database WHERE datname LIKE 'mj_revision_%'") == []
