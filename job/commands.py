@@ -463,10 +463,10 @@ def history(run: Run, *, verbose: bool = False) -> None:
                 "is_branch_point": rev.is_branch_point,
             }
             if verbose:
-                fields.update(
-                    path=str(Path(rev.path).relative_to(service.path)),
-                    branch_labels=sorted(rev.branch_labels),
-                )
+                path = Path(rev.path)
+                # A script_location given as a package resource lives outside the service folder.
+                shown = path.relative_to(service.path) if path.is_relative_to(service.path) else path
+                fields.update(path=str(shown), branch_labels=sorted(rev.branch_labels))
             logs.event(
                 "service.revision",
                 f"{service.name}: {', '.join(_as_tuple(rev.down_revision)) or '<base>'} -> {rev.revision}"

@@ -160,3 +160,21 @@ def test_revision_writes_timestamped_files_and_autogenerates_against_a_scratch_d
     body = Path(generated["path"]).read_text()
     assert "add_column" in body and "review_note" in body
     assert pg.fetch("SELECT datname FROM pg_database WHERE datname LIKE 'mj_revision_%'") == []
+
+
+def test_script_location_as_a_package_resource(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """A service whose alembic.ini says script_location = package:migrations upgrades and lists."""
+    base = FIXTURES / "pkgsvc"
+    database = make_database("pkgservice")
+    env = {
+        **env_for(job_env, tmp_path, [database.entry()]),
+        "MIGRATE_SERVICES_DIR": str(base / "services"),
+        "PYTHONPATH": str(base / "src"),
+    }
+    run = run_job(env=env)
+    assert run.code == 0, run.stdout + run.stderr
+    assert database.version() == ["a1b2c3d4e5f6"] and "pkg_things" in database.tables()
+    listed = run_job("history", "--verbose", env=env)
+    assert listed.code == 0 and listed.events("service.revision")[0]["path"].endswith(".py")
