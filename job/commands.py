@@ -257,7 +257,7 @@ async def _round_trip(run: Run, service: Service, target: db.Target, result: Dat
         for step in plan_steps:
             await move(step.revision, "up")
             after = await catalog()
-            await move(step.down_revision[0] if len(step.down_revision) == 1 else "-1", "down")
+            await move(step.revision, "revert")
             if await catalog() != before:
                 raise RoundTripFailed(
                     f"service {service.name}: the downgrade of {step.revision} ({step.message}) "
@@ -590,7 +590,7 @@ async def _apply_once(run: Run, result: DatabaseResult, expected: Execution, app
         await _close(engine, connection)
         result.duration_ms += elapsed_ms(started)
         _record(result, execution, applied)
-    done = {"up": "applied", "down": "reverted", "stamp": "stamped"}[expected.direction]
+    done = {"up": "applied", "down": "reverted", "revert": "reverted", "stamp": "stamped"}[expected.direction]
     result.status, result.error = (done if applied else "current"), None
 
 

@@ -77,7 +77,9 @@ class Execution:
             self.applied.append(shown)
             if self.offline:
                 continue
-            verb = {"up": "applied", "down": "reverted", "stamp": "stamped"}[self.direction]
+            verb = {"up": "applied", "down": "reverted", "revert": "reverted", "stamp": "stamped"}[
+                self.direction
+            ]
             logs.event(
                 "migration.applied",
                 f"{verb} {shown.revision} ({shown.message}) on {self.target.entry.label}",

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
     from job.services import Service
 
-Direction = Literal["up", "down", "stamp"]
+# "revert" undoes exactly one revision, whatever other branches are applied (verify uses it).
+Direction = Literal["up", "down", "stamp", "revert"]
 # Targets Alembic resolves against the database's position, not to one revision of the scripts.
 RELATIVE = re.compile(r"^(?:[+-]\d+|base|heads?)$")
 
@@ -86,6 +87,12 @@ def _plan(
             steps: tuple[MigrationStep, ...] = tuple(script._upgrade_revs(destination, current))  # type: ignore[arg-type]
         elif direction == "down":
             steps = tuple(script._downgrade_revs(destination, current))  # type: ignore[arg-type]
+        elif direction == "revert":
+            from alembic.runtime.migration import MigrationStep as AlembicStep
+
+            reverted = script.get_revision(destination)
+            assert reverted is not None
+            steps = (AlembicStep.downgrade_from_script(script.revision_map, reverted),)
         else:
             steps = tuple(script._stamp_revs(destination, current))
     except Exception as exc:
@@ -103,7 +110,7 @@ def _plan(
 
 def direction_word(direction: Direction) -> str:
     """Return the verb for a direction."""
-    return {"up": "upgrade", "down": "downgrade", "stamp": "stamp"}[direction]
+    return {"up": "upgrade", "down": "downgrade", "stamp": "stamp", "revert": "revert"}[direction]
 
 
 def resolve_revision(service: Service, target: str) -> str:

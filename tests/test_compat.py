@@ -94,6 +94,11 @@ def test_verify_passes_the_shipped_services_and_names_a_leaky_downgrade(
     assert {d["status"] for d in shipped.summary["databases"]} == {"verified"}
     assert len(shipped.events("verify.revision")) == 4, "every revision of the three services"
 
+    # Reverting one branch must not count the other branch's tables as a leak.
+    branched = run_job("verify", "--scratch", "env://VERIFY_URL", env=env_with(["branched"], COMPAT))
+    assert branched.code == 0, branched.stdout
+    assert len(branched.events("verify.revision")) == 4
+
     leaky = run_job("verify", "--scratch", "env://VERIFY_URL", env=env_with(["leaky"], COMPAT))
     assert leaky.code == 7, leaky.stdout
     error = leaky.events("run.error")[0]
