@@ -19,7 +19,7 @@ from job.errors import ConfigError, HistoryError, MigrateJobError, PendingMigrat
 from job.executor import Execution, apply_with_retries, execute, render_sql
 from job.lock import MigrationLock, lock_key
 from job.manifest import DatabaseEntry, Manifest, load_manifest
-from job.plan import RELATIVE, Direction, Step, resolve_revision
+from job.plan import DONE, RELATIVE, Direction, Step, as_tuple, compute_plan, resolve_revision
 from job.report import DatabaseResult, RunReport, elapsed_ms
 from job.secrets import SecretResolver
 from job.services import Service, discover
@@ -97,10 +97,10 @@ def select(
 
 def preflight(run: Run, destination: str = "head") -> list[db.Target]:
     """Check every selected service's history and target, read every secret; return the targets."""
-    for name in dict.fromkeys(e.service for e in run.entries):
-        run.services[name].head()
+    for service in _selected_services(run):
+        service.head()
         if not RELATIVE.match(destination):
-            resolve_revision(run.services[name], destination)
+            resolve_revision(service, destination)
     return [db.resolve_target(e, run.manifest, run.resolver, run.socket_root) for e in run.entries]
 
 
@@ -134,8 +134,8 @@ async def sql(run: Run, *, start: str | None = None, to: str = "head", output: P
     else:
         targets = preflight(run, to)
         if start != "base":
-            for name in dict.fromkeys(t.service for t in targets):
-                resolve_revision(run.services[name], start)
+            for service in _selected_services(run):
+                resolve_revision(service, start)
         begin: tuple[str, ...] = () if start == "base" else (start,)
         pairs = [
             (
@@ -252,7 +252,7 @@ async def _round_trip(run: Run, service: Service, target: db.Target, result: Dat
             schema = execution.version_schema or "public"
             version_tables.update({execution.version_table, f"{schema}.{execution.version_table}"})
 
-        plan_steps = compute_plan_steps(service)
+        plan_steps = compute_plan(service, ()).steps
         before = await catalog()
         for step in plan_steps:
             await move(step.revision, "up")
@@ -355,7 +355,7 @@ def _write_revision(service: Service, message: str, connection: Any) -> None:
             f"{service.name}: wrote {Path(created.path).name}; review it before committing",
             service=service.name,
             revision=created.revision,
-            down_revision=list(_as_tuple(created.down_revision)),
+            down_revision=list(as_tuple(created.down_revision)),
             path=str(created.path),
             autogenerate=connection is not None,
         )
@@ -371,13 +371,6 @@ def _scratch_admin_url(run: Run, scratch: str) -> Any:
     except Exception:
         database = "postgres"  # url_from_secret reports the malformed URL without showing it
     return db.url_from_secret(raw, DatabaseEntry(service="scratch", database=database, url=scratch))
-
-
-def compute_plan_steps(service: Service) -> tuple[Step, ...]:
-    """Return the service's revisions in the order upgrade applies them from an empty database."""
-    from job.plan import compute_plan
-
-    return compute_plan(service, ()).steps
 
 
 def _confirm(yes: bool, what: str) -> None:
@@ -456,7 +449,7 @@ def history(run: Run, *, verbose: bool = False) -> None:
             fields: dict[str, Any] = {
                 "service": service.name,
                 "revision": rev.revision,
-                "down_revision": list(_as_tuple(rev.down_revision)),
+                "down_revision": list(as_tuple(rev.down_revision)),
                 "description": (rev.doc or "").strip(),
                 "is_head": rev.revision in head_set,
                 "is_merge": rev.is_merge_point,
@@ -469,7 +462,7 @@ def history(run: Run, *, verbose: bool = False) -> None:
                 fields.update(path=str(shown), branch_labels=sorted(rev.branch_labels))
             logs.event(
                 "service.revision",
-                f"{service.name}: {', '.join(_as_tuple(rev.down_revision)) or '<base>'} -> {rev.revision}"
+                f"{service.name}: {', '.join(as_tuple(rev.down_revision)) or '<base>'} -> {rev.revision}"
                 + (" (head)" if rev.revision in head_set else "")
                 + f", {(rev.doc or '').strip()}",
                 **fields,
@@ -479,13 +472,6 @@ def history(run: Run, *, verbose: bool = False) -> None:
 def _selected_services(run: Run) -> list[Service]:
     """Return the services of the selected manifest entries, in manifest order, each once."""
     return [run.services[name] for name in dict.fromkeys(e.service for e in run.entries)]
-
-
-def _as_tuple(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Return a down_revision (None, one id or several) as a tuple."""
-    if value is None:
-        return ()
-    return (value,) if isinstance(value, str) else tuple(value)
 
 
 async def _inspect_all(
@@ -590,8 +576,7 @@ async def _apply_once(run: Run, result: DatabaseResult, expected: Execution, app
         await _close(engine, connection)
         result.duration_ms += elapsed_ms(started)
         _record(result, execution, applied)
-    done = {"up": "applied", "down": "reverted", "revert": "reverted", "stamp": "stamped"}[expected.direction]
-    result.status, result.error = (done if applied else "current"), None
+    result.status, result.error = (DONE[expected.direction] if applied else "current"), None
 
 
 def _finish(result: DatabaseResult, execution: Execution, status: str) -> None:

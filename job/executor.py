@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from job import logs
 from job.errors import ConfigError, MigrateJobError, MigrationFailed
-from job.plan import Direction, Plan, Step, compute_plan
+from job.plan import DONE, Direction, Plan, Step, compute_plan
 from job.report import elapsed_ms
 
 if TYPE_CHECKING:
@@ -77,9 +77,7 @@ class Execution:
             self.applied.append(shown)
             if self.offline:
                 continue
-            verb = {"up": "applied", "down": "reverted", "revert": "reverted", "stamp": "stamped"}[
-                self.direction
-            ]
+            verb = DONE[self.direction]
             logs.event(
                 "migration.applied",
                 f"{verb} {shown.revision} ({shown.message}) on {self.target.entry.label}",

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from job.errors import ConfigError, HistoryError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from alembic.runtime.migration import MigrationStep
 
     from job.services import Service
@@ -63,10 +65,10 @@ def compute_plan(
     service: Service, current: tuple[str, ...], target: str = "head", direction: Direction = "up"
 ) -> Plan:
     """Return the plan from current to target; raise HistoryError on an unknown history."""
-    service.head()
+    head = service.head()
     _check_known(service, current)
     if direction == "up" and target == "head":
-        return _plan(service, current, service.head(), "up", HistoryError)
+        return _plan(service, current, head, "up", HistoryError)
     destination = target if RELATIVE.match(target) else resolve_revision(service, target)
     return _plan(service, current, destination, direction, ConfigError)
 
@@ -106,6 +108,17 @@ def _plan(
     shown = tuple(_step(s, direction) for s in steps)
     lands = shown[-1].lands_at if shown else "+".join(current) or None
     return Plan(service.name, current, lands, shown, steps, direction)
+
+
+# The status word of a database (and the verb of a step) once a step of that direction committed.
+DONE: dict[Direction, str] = {"up": "applied", "down": "reverted", "revert": "reverted", "stamp": "stamped"}
+
+
+def as_tuple(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Return a down_revision (None, one id or several) as a tuple."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def direction_word(direction: Direction) -> str:
@@ -155,6 +168,6 @@ def _step(step: MigrationStep, direction: Direction) -> Step:
         return Step("+".join(to) or "base", "stamp", froms, "+".join(to) or None)
     script = step.revision  # type: ignore[attr-defined]
     down = script.down_revision
-    downs = (down,) if isinstance(down, str) else tuple(down or ())
+    downs = as_tuple(down)
     lands = script.revision if direction == "up" else "+".join(downs) or None
     return Step(script.revision, (script.doc or "").strip(), downs, lands)
