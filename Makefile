@@ -6,7 +6,16 @@ export UV_PYTHON_DOWNLOADS := never
 # Job processes start often (tests, demo); compiled bytecode halves their start-up.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: help install demo test lint format
+# Deploy settings: override on the command line (make deploy ENV=prod IMAGE=...).
+ENV ?= dev
+REGION ?= us-central1
+PROJECT ?= fusion-prime-$(ENV)
+REPOSITORY ?= migrate-job
+TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo manual)
+IMAGE ?= $(REGION)-docker.pkg.dev/$(PROJECT)/$(REPOSITORY)/migrate-job:$(TAG)
+JOB = migrate-job-$(ENV)
+
+.PHONY: help install demo test lint format image-check image push deploy execute
 
 help:
 	@echo "make install   create .venv from uv.lock (runtime + dev tools)"
@@ -14,6 +23,11 @@ help:
 	@echo "make test      lint, then the whole test suite against a real PostgreSQL"
 	@echo "make lint      ruff check, ruff format --check, mypy"
 	@echo "make format    ruff format and ruff check --fix"
+	@echo "make image-check  hadolint, job YAMLs, cloudbuild.yaml, and the image's files rebuilt and run without Docker"
+	@echo "make image     docker build the image as IMAGE (needs a Docker engine)"
+	@echo "make push      docker push IMAGE to Artifact Registry"
+	@echo "make deploy ENV=dev IMAGE=...   gcloud run jobs replace deploy/jobs/ENV.yaml with IMAGE"
+	@echo "make execute ENV=dev            gcloud run jobs execute migrate-job-ENV --wait (exit code = the job's outcome)"
 
 install:
 	@$(UV) --version >/dev/null 2>&1 || { echo "+ python3 -m pip install uv"; python3 -m pip install --quiet uv; }
@@ -27,8 +41,25 @@ lint: install
 	$(UV) run --frozen ruff format --check .
 	$(UV) run --frozen mypy job devtools
 
-test: lint
+test: lint image-check
 	$(UV) run --frozen pytest
+
+image-check: install
+	$(UV) run --frozen python -m devtools.image_check
+
+image:
+	docker build --build-arg REVISION=$$(git rev-parse HEAD) -t $(IMAGE) .
+
+push:
+	docker push $(IMAGE)
+
+deploy:
+	@mkdir -p build
+	sed "s|__IMAGE__|$(IMAGE)|g" deploy/jobs/$(ENV).yaml > build/job-$(ENV).yaml
+	gcloud run jobs replace build/job-$(ENV).yaml --region $(REGION) --project $(PROJECT)
+
+execute:
+	deploy/execute.sh $(JOB) $(REGION) $(PROJECT)
 
 format: install
 	$(UV) run --frozen ruff format .

@@ -200,6 +200,8 @@ def _prepare(args: argparse.Namespace, report: RunReport) -> Run:
         manifest=str(run.manifest.path),
         database_count=len(run.entries),
         version=_version(),
+        image=settings.image,
+        image_revision=settings.image_revision,
     )
     return run
 

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text", "auto"] = "auto"
     lock_wait_s: float = Field(default=300.0, ge=0)
     connect_timeout_s: float = Field(default=60.0, gt=0)
+    # Cloud Run does not tell a container which image it runs: the job definition and the image say.
+    image: str | None = None
+    image_revision: str | None = None
 
     def manifest_path(self) -> Path:
         """Return the manifest file: MIGRATE_MANIFEST, else deploy/environments/<env>.toml."""
