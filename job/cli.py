@@ -127,6 +127,24 @@ def _add_selectors(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument(
         "--database", action="append", default=default, metavar="NAME", help="only this database (repeat)"
     )
+    parser.add_argument(
+        "--jobs",
+        type=_positive,
+        default=1 if default == [] else default,
+        metavar="N",
+        help="apply up to N databases at once, each in its own worker process (default 1)",
+    )
+
+
+def _positive(text: str) -> int:
+    """Return text as an integer of at least 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def exit_code(exc: BaseException) -> int:
@@ -192,13 +210,16 @@ def _prepare(args: argparse.Namespace, report: RunReport) -> Run:
     labels = {k: str(v) for k, v in cloud_run.fields().items()}
     logs.setup(settings.log_format, labels=labels)
     logs.bind(command=args.command, **cloud_run.fields())
-    run = commands.prepare(report, settings, cloud_run, services=args.service, databases=args.database)
+    run = commands.prepare(
+        report, settings, cloud_run, services=args.service, databases=args.database, jobs=args.jobs
+    )
     logs.event(
         "run.start",
         f"migrate-job {args.command} on {len(run.entries)} database(s) of {run.manifest.path.name}",
         env=settings.env,
         manifest=str(run.manifest.path),
         database_count=len(run.entries),
+        to_discover=len(run.undiscovered) or None,
         version=_version(),
         image=settings.image,
         image_revision=settings.image_revision,
@@ -230,6 +251,8 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
     # A signal that arrived while blocked is delivered now, to the handler above.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
+        if args.command not in {"heads", "history", "revision"}:
+            await commands.discover_databases(run)
         if args.command == "plan":
             await commands.plan(run, check=args.check, to=args.to, allow_ahead=args.allow_ahead)
         elif args.command == "downgrade":

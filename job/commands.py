@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from job import db, logs
 from job.errors import ConfigError, HistoryError, MigrateJobError, PendingMigrations
 from job.executor import Execution, apply_with_retries, execute, render_sql
 from job.lock import MigrationLock, lock_key
-from job.manifest import DatabaseEntry, Manifest, load_manifest
+from job.manifest import NAME_PATTERN, DatabaseEntry, Manifest, load_manifest, shard, with_entries
 from job.plan import DONE, RELATIVE, Direction, Step, as_tuple, compute_plan, resolve_revision
 from job.report import DatabaseResult, RunReport, elapsed_ms
 from job.secrets import SecretResolver
@@ -28,10 +29,14 @@ from job.settings import CloudRun, Settings
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+    from job.workers import Pool
+
 # How long cleanup (unlock, close) may take after a failure or a signal.
 CLEANUP_S = 2.0
 # How many times a database is started over after the server dropped the connection.
 RECONNECTS = 3
+# How many databases the read-only preflight reads at once (one connection and query each).
+PREFLIGHT_CONCURRENCY = 8
 
 
 @dataclass
@@ -44,6 +49,8 @@ class Run:
     services: dict[str, Service]
     entries: list[DatabaseEntry]
     report: RunReport
+    selectors: tuple[Sequence[str], Sequence[str]] = ((), ())
+    jobs: int = 1
     resolver: SecretResolver = field(init=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +61,11 @@ class Run:
         """Return the root of the Cloud SQL sockets: MIGRATE_SOCKET_DIR over the manifest's."""
         return self.settings.socket_dir or self.manifest.socket_dir
 
+    @property
+    def undiscovered(self) -> list[DatabaseEntry]:
+        """Return the manifest entries whose databases are listed from the server at run time."""
+        return [e for e in self.manifest.databases if e.discover is not None]
+
 
 def prepare(
     report: RunReport,
@@ -62,12 +74,80 @@ def prepare(
     *,
     services: Sequence[str] = (),
     databases: Sequence[str] = (),
+    jobs: int = 1,
 ) -> Run:
     """Return the run for the selected databases; raise ConfigError for anything invalid."""
     shipped = discover(settings.services_dir)
     manifest = load_manifest(settings.manifest_path(), shipped)
-    entries = select(manifest, services=services, databases=databases)
-    return Run(settings, cloud_run, manifest, shipped, entries, report)
+    run = Run(settings, cloud_run, manifest, shipped, [], report, (services, databases), jobs)
+    if not run.undiscovered:
+        _select_share(run)
+    return run
+
+
+def _select_share(run: Run) -> None:
+    """Set the run's entries: the selected ones, then this Cloud Run task's share of them."""
+    services, databases = run.selectors
+    selected = select(run.manifest, services=services, databases=databases)
+    run.entries = shard(selected, run.cloud_run.task_index, run.cloud_run.task_count)
+    run.report.shard = {
+        "task_index": run.cloud_run.task_index,
+        "task_count": run.cloud_run.task_count,
+        "databases": len(run.entries),
+        "of": len(selected),
+    }
+
+
+async def discover_databases(run: Run) -> None:
+    """List the databases of every ``discover`` entry (read-only), then select this task's share."""
+    if not run.undiscovered:
+        return
+    entries: list[DatabaseEntry] = []
+    for entry in run.manifest.databases:
+        if entry.discover is None:
+            entries.append(entry)
+            continue
+        names = await _discovered_names(run, entry)
+        logs.event(
+            "manifest.discovered",
+            f"{entry.service}: {len(names)} database(s) on {entry.location} from its discover query",
+            level=logging.INFO if names else logging.WARNING,
+            service=entry.service,
+            instance=entry.location,
+            count=len(names),
+        )
+        entries.extend(entry.model_copy(update={"database": n, "discover": None}) for n in names)
+    run.manifest = with_entries(run.manifest, entries)
+    _select_share(run)
+
+
+async def _discovered_names(run: Run, entry: DatabaseEntry) -> list[str]:
+    """Run an entry's discover query in a read-only transaction; return the names, sorted."""
+    import asyncpg
+
+    assert entry.discover is not None
+    where = entry.model_copy(update={"database": entry.discover_database, "discover": None})
+    target = db.resolve_target(where, run.manifest, run.resolver, run.socket_root)
+    connection = await _connect_raw(run, target)
+    try:
+        async with connection.transaction(readonly=True):
+            rows = await connection.fetch(entry.discover)
+    except asyncpg.PostgresError as exc:
+        raise ConfigError(
+            f"the discover query of service {entry.service} on {entry.location} failed: {exc}",
+            hint="it must be a read-only query whose first column is a database name",
+            service=entry.service,
+        ) from None
+    finally:
+        await connection.close()
+    names = sorted({str(r[0]) for r in rows if r[0] is not None})
+    bad = [n for n in names if not re.match(NAME_PATTERN, n)]
+    if bad:
+        raise ConfigError(
+            f"the discover query of service {entry.service} returned invalid names: {bad[:5]}",
+            service=entry.service,
+        )
+    return names
 
 
 def select(
@@ -75,7 +155,7 @@ def select(
 ) -> list[DatabaseEntry]:
     """Return the manifest's entries that match the selectors, in manifest order."""
     known_services = sorted({e.service for e in manifest.databases})
-    known_databases = sorted({e.database for e in manifest.databases})
+    known_databases = sorted({e.name for e in manifest.databases})
     for name in services:
         if name not in known_services:
             raise ConfigError(
@@ -86,7 +166,7 @@ def select(
         if name not in known_databases:
             raise ConfigError(
                 f"unknown database {name!r} in --database",
-                hint=f"the manifest has: {', '.join(known_databases)}",
+                hint=f"the manifest has: {', '.join(known_databases[:50])}",
             )
     return [
         e
@@ -381,14 +461,41 @@ def _confirm(yes: bool, what: str) -> None:
 
 async def _change(run: Run, destination: str, direction: Direction, *, allow_ahead: bool = False) -> None:
     """Check every selected database, then move each in manifest order, stopping at a failure."""
-    inspected = await _inspect_all(run, destination=destination, allow_ahead=allow_ahead, direction=direction)
+    from job.workers import pool_for
+
+    # Started first, so the workers warm up while the preflight reads every database.
+    pool = pool_for(run, len(run.entries))
+    try:
+        inspected = await _inspect_all(
+            run, destination=destination, allow_ahead=allow_ahead, direction=direction
+        )
+        if pool is not None:
+            await _apply_in_pool(pool, inspected)
+            return
+        for result, execution in inspected:
+            if result.status == "ahead":
+                continue
+            assert execution.plan is not None
+            if execution.plan.pending:
+                await _apply(run, result, execution)
+            _finish(result, execution, "current")
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+async def _apply_in_pool(pool: Pool, inspected: list[tuple[DatabaseResult, Execution]]) -> None:
+    """Apply the databases with pending revisions in the pool; finish the others at once."""
+    work = []
     for result, execution in inspected:
         if result.status == "ahead":
             continue
         assert execution.plan is not None
         if execution.plan.pending:
-            await _apply(run, result, execution)
-        _finish(result, execution, "current")
+            work.append((result, execution))
+        else:
+            _finish(result, execution, "current")
+    await pool.apply(work)
 
 
 async def plan(run: Run, *, check: bool = False, to: str = "head", allow_ahead: bool = False) -> None:
@@ -477,7 +584,11 @@ def _selected_services(run: Run) -> list[Service]:
 async def _inspect_all(
     run: Run, *, destination: str, allow_ahead: bool, quiet: bool = False, direction: Direction = "up"
 ) -> list[tuple[DatabaseResult, Execution]]:
-    """Preflight: read every database's revision before anything changes anywhere."""
+    """Preflight: read every database's revision before anything changes anywhere.
+
+    The first database of each service is read through its env.py, which tells where the version
+    table is; the others are read with one query each, several at a time.
+    """
     targets = preflight(run, destination)
     inspected = []
     for target in targets:
@@ -486,21 +597,80 @@ async def _inspect_all(
             run.services[target.service], target, destination, quiet=quiet, direction=direction
         )
         inspected.append((result, execution))
+    first: dict[str, Execution] = {}
     for result, execution in inspected:
-        try:
-            await _inspect(run, result, execution)
-        except HistoryError as exc:
-            if not (allow_ahead and exc.revision and exc.context.get("unknown_revision")):
-                raise
-            result.status, result.from_revision, result.error = "ahead", exc.revision, exc.message
-            logs.event(
-                "db.ahead",
-                f"skipping {execution.target.entry.label}: {exc.message}",
-                level=logging.WARNING,
-                revision=exc.revision,
-                **execution.target.fields(),
-            )
+        if execution.service.name not in first:
+            first[execution.service.name] = execution
+            await _inspect_or_skip(run, result, execution, allow_ahead)
+    limit = asyncio.Semaphore(PREFLIGHT_CONCURRENCY)
+
+    async def quick(result: DatabaseResult, execution: Execution) -> None:
+        async with limit:
+            known = first[execution.service.name]
+            execution.version_table, execution.version_schema = known.version_table, known.version_schema
+            await _inspect_or_skip(run, result, execution, allow_ahead, quick=True)
+
+    rest = [(r, e) for r, e in inspected if first[e.service.name] is not e]
+    tasks = [asyncio.ensure_future(quick(r, e)) for r, e in rest]
+    try:
+        # The first failure in manifest order is the one reported, whatever finished first.
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for task in tasks:
+            task.cancel()
+    for outcome in results:
+        if isinstance(outcome, BaseException):
+            raise outcome
     return inspected
+
+
+async def _inspect_or_skip(
+    run: Run, result: DatabaseResult, execution: Execution, allow_ahead: bool, *, quick: bool = False
+) -> None:
+    """Inspect one database; with allow_ahead, mark one at an unknown revision as skipped."""
+    try:
+        await (_inspect_quick if quick else _inspect)(run, result, execution)
+    except HistoryError as exc:
+        if not (allow_ahead and exc.revision and exc.context.get("unknown_revision")):
+            raise
+        result.status, result.from_revision, result.error = "ahead", exc.revision, exc.message
+        logs.event(
+            "db.ahead",
+            f"skipping {execution.target.entry.label}: {exc.message}",
+            level=logging.WARNING,
+            revision=exc.revision,
+            **execution.target.fields(),
+        )
+
+
+async def _inspect_quick(run: Run, result: DatabaseResult, execution: Execution) -> None:
+    """Read a database's revision with one query (version table known) and plan; change nothing."""
+    target = execution.target
+    started = time.monotonic()
+    try:
+        connection = await _connect_raw(run, target)
+    except MigrateJobError as exc:
+        result.status, result.error = "failed", exc.message
+        raise
+    try:
+        logs.event(
+            "db.connected",
+            f"connected to {target.entry.label}",
+            duration_ms=elapsed_ms(started),
+            url=target.display,
+            **target.fields(),
+        )
+        heads = await db.read_version(connection, execution.version_table, execution.version_schema)
+    except Exception as exc:
+        result.status, result.error = "failed", db.describe(exc)
+        raise db.connect_error(target, exc, time.monotonic() - started) from exc
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(connection.close(), CLEANUP_S)
+        result.duration_ms += elapsed_ms(started)
+    execution.plan_from(heads)
+    result.from_revision = execution.plan.from_revision if execution.plan else None
+    _record(result, execution, [])
 
 
 async def _inspect(run: Run, result: DatabaseResult, execution: Execution) -> None:
@@ -601,6 +771,13 @@ async def _connect(run: Run, target: db.Target) -> tuple[AsyncEngine, AsyncConne
         target,
         timeout_s=run.settings.connect_timeout_s,
         application_name=run.cloud_run.application_name(),
+    )
+
+
+async def _connect_raw(run: Run, target: db.Target) -> Any:
+    """Open a plain asyncpg connection (read-only checks) with the run's timeout and application_name."""
+    return await db.connect_raw(
+        target, timeout_s=run.settings.connect_timeout_s, application_name=run.cloud_run.application_name()
     )
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import SecretStr
 
@@ -47,7 +48,7 @@ class Target:
     @property
     def database(self) -> str:
         """Return the database name."""
-        return self.entry.database
+        return self.entry.name
 
     @property
     def display(self) -> str:
@@ -165,12 +166,63 @@ def shown_reference(text: str | None) -> str:
     return "<literal>"
 
 
+def server_settings(target: Target, application_name: str) -> dict[str, str]:
+    """Return the session settings every connection of the job starts with."""
+    return {
+        "application_name": application_name,
+        "lock_timeout": str(int(target.entry.lock_timeout_s * 1000)),
+        "statement_timeout": str(int(target.entry.statement_timeout_s * 1000)),
+    }
+
+
 async def connect(
     target: Target, *, timeout_s: float, application_name: str
 ) -> tuple[AsyncEngine, AsyncConnection]:
     """Return an open connection, retrying transient failures for at most timeout_s."""
     from sqlalchemy.ext.asyncio import create_async_engine
     from sqlalchemy.pool import NullPool
+
+    engine = create_async_engine(
+        target.url,
+        poolclass=NullPool,
+        connect_args={
+            "timeout": min(10.0, timeout_s),
+            "server_settings": server_settings(target, application_name),
+        },
+    )
+    try:
+        connection = await with_retries(target, timeout_s, engine.connect)
+    except BaseException:
+        await engine.dispose()
+        raise
+    return engine, connection
+
+
+async def connect_raw(target: Target, *, timeout_s: float, application_name: str) -> Any:
+    """Return a plain asyncpg connection (no SQLAlchemy), for the one-query read-only checks."""
+    import asyncpg
+
+    url = target.url
+    query = dict(url.query)
+    kwargs: dict[str, Any] = {
+        "user": url.username,
+        "password": url.password,
+        "database": url.database,
+        "host": query.get("host") or url.host,
+        "port": url.port,
+        "timeout": min(10.0, timeout_s),
+        "server_settings": server_settings(target, application_name),
+    }
+    if "ssl" in query:
+        kwargs["ssl"] = query["ssl"]
+    return await with_retries(target, timeout_s, lambda: asyncpg.connect(**kwargs))
+
+
+T = TypeVar("T")
+
+
+async def with_retries(target: Target, timeout_s: float, opener: Callable[[], Awaitable[T]]) -> T:
+    """Return opener()'s connection, retrying transient failures (bounded by timeout_s)."""
     from tenacity import (
         AsyncRetrying,
         retry_if_exception,
@@ -179,18 +231,6 @@ async def connect(
         wait_exponential_jitter,
     )
 
-    engine = create_async_engine(
-        target.url,
-        poolclass=NullPool,
-        connect_args={
-            "timeout": min(10.0, timeout_s),
-            "server_settings": {
-                "application_name": application_name,
-                "lock_timeout": str(int(target.entry.lock_timeout_s * 1000)),
-                "statement_timeout": str(int(target.entry.statement_timeout_s * 1000)),
-            },
-        },
-    )
     loop = asyncio.get_running_loop()
     started = loop.time()
     backoff = wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.3)
@@ -204,11 +244,27 @@ async def connect(
             reraise=True,
         ):
             with attempt:
-                connection = await engine.connect()
+                return await opener()
     except Exception as exc:
-        await engine.dispose()
         raise connect_error(target, exc, loop.time() - started) from None
-    return engine, connection
+    raise AssertionError("unreachable: tenacity either returns or raises")
+
+
+def quote_ident(name: str) -> str:
+    """Return a PostgreSQL identifier quoted (names here come from env.py, never from input)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def read_version(connection: Any, table: str, schema: str | None) -> tuple[str, ...]:
+    """Return the revisions in a version table in one round trip; () when there is no table yet."""
+    import asyncpg
+
+    where = f"{quote_ident(schema)}.{quote_ident(table)}" if schema else quote_ident(table)
+    try:
+        rows = await connection.fetch(f"SELECT version_num FROM {where}")
+    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+        return ()
+    return tuple(sorted(r[0] for r in rows))
 
 
 async def watch_client(connection: AsyncConnection) -> None:

@@ -54,14 +54,19 @@ class Execution:
         """Alembic's ``fn``: compute the plan from the heads read under env.py's settings."""
         self.version_table = context.version_table
         self.version_schema = context.version_table_schema
-        self.plan = compute_plan(self.service, tuple(heads), self.destination, self.direction)
+        plan = self.plan_from(tuple(heads))
+        if not self.apply:
+            return iter(())
+        return self._steps(plan)
+
+    def plan_from(self, heads: tuple[str, ...]) -> Plan:
+        """Compute (and log) the plan from the revisions the database is at."""
+        self.plan = compute_plan(self.service, heads, self.destination, self.direction)
         if not self.quiet and (self.expected is None or self.expected.steps != self.plan.steps):
             # Read-only passes always say what they found; an apply pass only when the database
             # moved since (another execution did the work while we waited for the lock).
             self._log_plan(self.plan, replanned=self.expected is not None)
-        if not self.apply:
-            return iter(())
-        return self._steps(self.plan)
+        return self.plan
 
     def again(self) -> Execution:
         """Return a fresh apply pass that expects this pass's plan (the database may have moved)."""
@@ -320,9 +325,12 @@ class BlockerWatch:
     PostgreSQL's lock_timeout error does not say who held the lock; this does.
     """
 
-    def __init__(self, engine: AsyncEngine, pid: int) -> None:
+    def __init__(self, engine: AsyncEngine, pid: int, delay_s: float = 0.25) -> None:
         self.engine = engine
         self.pid = pid
+        # Most migrations finish at once: only one still running after delay_s gets a watcher
+        # (and its second connection).
+        self.delay_s = delay_s
         self.blockers: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -340,6 +348,7 @@ class BlockerWatch:
         """Poll pg_blocking_pids until cancelled, keeping the last non-empty answer."""
         from sqlalchemy import text
 
+        await asyncio.sleep(self.delay_s)
         async with self.engine.connect() as connection:
             while True:
                 rows = (await connection.execute(text(BLOCKERS_SQL), {"pid": self.pid})).mappings().all()
@@ -408,7 +417,9 @@ async def apply_with_retries(
         assert expected.plan is not None
         last = expected.again()
         try:
-            async with BlockerWatch(engine, pid) as watch:
+            # Start watching well before lock_timeout fires, so the blocker is known by then.
+            delay = min(0.25, entry.lock_timeout_s / 4) if entry.lock_timeout_s else 0.25
+            async with BlockerWatch(engine, pid, delay) as watch:
                 return await execute(connection, last)
         except MigrationFailed as exc:
             if is_lock_timeout(exc):

@@ -19,6 +19,7 @@ LOGGER_NAME = "migrate_job"
 _logger = logging.getLogger(LOGGER_NAME)
 _context: dict[str, Any] = {}
 _secrets: set[str] = set()
+_setup: tuple[str, dict[str, str]] = ("json", {})
 MASK = "***"
 
 
@@ -47,6 +48,16 @@ def _forms(secret: str) -> tuple[str, ...]:
         urllib.parse.quote(secret, safe=""),
         urllib.parse.quote_plus(secret, safe=""),
     )
+
+
+def context() -> dict[str, Any]:
+    """Return the fields bound to every line (a copy)."""
+    return dict(_context)
+
+
+def current_setup() -> tuple[str, dict[str, str]]:
+    """Return the format and labels logging was set up with (worker processes copy them)."""
+    return _setup[0], dict(_setup[1])
 
 
 def bind(**fields: Any) -> None:
@@ -153,6 +164,8 @@ def setup(fmt: str, *, labels: Mapping[str, str] | None = None, stream: TextIO |
     root.setLevel(logging.WARNING)
     _logger.setLevel(logging.INFO)
     logging.captureWarnings(True)
+    global _setup
+    _setup = (fmt, dict(labels or {}))
     return fmt
 
 

@@ -22,7 +22,11 @@ class DatabaseEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     service: str = Field(min_length=1)
-    database: str = Field(pattern=NAME_PATTERN)
+    # One database; ``databases = [...]`` in the file expands to one entry per name, and
+    # ``discover`` lists them from the server at run time (see expand_discovered).
+    database: str | None = Field(default=None, pattern=NAME_PATTERN)
+    discover: str | None = Field(default=None, min_length=1)
+    discover_database: str = Field(default="postgres", pattern=NAME_PATTERN)
     instance: str | None = Field(default=None, pattern=INSTANCE_PATTERN)
     host: str | None = None
     port: int = Field(default=5432, ge=1, le=65535)
@@ -42,6 +46,10 @@ class DatabaseEntry(BaseModel):
     @model_validator(mode="after")
     def _one_way_to_connect(self) -> DatabaseEntry:
         """Require either a whole URL, or user, password and one of instance or host."""
+        if (self.database is None) == (self.discover is None):
+            raise ValueError("give exactly one of database, databases or discover")
+        if self.discover is not None and self.url is not None:
+            raise ValueError("discover needs user, password and instance or host, not url")
         if self.url is not None:
             extra = [k for k in ("instance", "host", "user", "password") if getattr(self, k)]
             if extra:
@@ -57,7 +65,14 @@ class DatabaseEntry(BaseModel):
     @property
     def label(self) -> str:
         """Return ``service/database`` for messages."""
-        return f"{self.service}/{self.database}"
+        return f"{self.service}/{self.database or '<discover>'}"
+
+    @property
+    def name(self) -> str:
+        """Return the database name (entries still to be discovered have none yet)."""
+        if self.database is None:
+            raise ValueError(f"entry for {self.service} has not been discovered yet")
+        return self.database
 
     @property
     def location(self) -> str:
@@ -106,13 +121,56 @@ def parse_manifest(raw: dict[str, Any], services: Collection[str], *, path: Path
     if "path" in raw:  # Manifest.path is where the file was read from, not a manifest key
         raise ConfigError(f"manifest {path} is invalid: path: unknown key")
     try:
-        manifest = Manifest.model_validate({**raw, "path": path})
+        manifest = Manifest.model_validate({**raw, "databases": _expand_lists(raw, path), "path": path})
     except ValidationError as exc:
         raise ConfigError(f"manifest {path} is invalid: {_describe(exc)}") from None
     _check_services(manifest, services)
     _check_unique(manifest)
     _check_references(manifest)
     return manifest
+
+
+def _expand_lists(raw: dict[str, Any], path: Path) -> Any:
+    """Return the raw entries with each ``databases = [...]`` entry expanded, in list order."""
+    entries = raw.get("databases")
+    if not isinstance(entries, list):
+        return entries
+    expanded: list[Any] = []
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and "databases" in entry):
+            expanded.append(entry)
+            continue
+        names = entry["databases"]
+        if "database" in entry or not isinstance(names, list) or not names:
+            raise ConfigError(
+                f"manifest {path} is invalid: databases[{i}].databases must be a non-empty list "
+                "of names, and excludes database",
+                hint='databases = ["tenant_001", "tenant_002"] (one entry per name, same settings)',
+            )
+        rest = {k: v for k, v in entry.items() if k != "databases"}
+        expanded.extend({**rest, "database": name} for name in names)
+    return expanded
+
+
+def with_entries(manifest: Manifest, entries: list[DatabaseEntry]) -> Manifest:
+    """Return the manifest with its entries replaced (after discovery), checked for duplicates."""
+    updated = manifest.model_copy(update={"databases": tuple(entries)})
+    _check_unique(updated)
+    return updated
+
+
+def shard(entries: list[DatabaseEntry], index: int, count: int) -> list[DatabaseEntry]:
+    """Return task ``index``'s share of ``count``: every entry whose position modulo count is index.
+
+    Shares are disjoint and together complete, and an entry's task depends only on its position,
+    so every task of a Cloud Run execution computes the same split without talking to the others.
+    """
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(
+            f"task index {index} is not within a task count of {count}",
+            hint="CLOUD_RUN_TASK_INDEX must be at least 0 and below CLOUD_RUN_TASK_COUNT",
+        )
+    return entries[index::count]
 
 
 def _describe(exc: ValidationError) -> str:
@@ -143,7 +201,7 @@ def _check_services(manifest: Manifest, services: Collection[str]) -> None:
 
 def _check_unique(manifest: Manifest) -> None:
     """Raise ConfigError when two entries name the same database on the same server."""
-    seen: dict[tuple[str, str, str], int] = {}
+    seen: dict[tuple[str, str | None, str], int] = {}
     for i, entry in enumerate(manifest.databases):
         # Several services may share a database (each with its own version table); one service
         # may not list the same database twice.

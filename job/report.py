@@ -41,12 +41,18 @@ class DatabaseResult:
         return out
 
 
+# Up to this many databases, run.summary lists each in full.
+FULL_SUMMARY_LIMIT = 200
+
+
 @dataclass
 class RunReport:
     """Results gathered as the run goes, so the summary is complete even when it stops early."""
 
     command: str
     databases: list[DatabaseResult] = field(default_factory=list)
+    # This Cloud Run task's share of the selected databases (index, count, how many of how many).
+    shard: dict[str, int] | None = None
     started: float = field(default_factory=time.monotonic)
 
     def add(self, result: DatabaseResult) -> DatabaseResult:
@@ -59,14 +65,23 @@ class RunReport:
         counts: dict[str, int] = {}
         for result in self.databases:
             counts[result.status] = counts.get(result.status, 0) + 1
-        return {
+        out: dict[str, Any] = {
             "command": self.command,
             "status": run_status(exit_code),
             "exit_code": exit_code,
             "counts": counts,
             "duration_ms": elapsed_ms(self.started),
-            "databases": [r.as_dict() for r in self.databases],
         }
+        if self.shard is not None and self.shard["task_count"] > 1:
+            out["shard"] = self.shard
+        if len(self.databases) <= FULL_SUMMARY_LIMIT:
+            out["databases"] = [r.as_dict() for r in self.databases]
+            return out
+        # A Cloud Logging entry holds at most 256 KB: past the limit, databases with nothing to
+        # report are listed by name only, and every other one in full.
+        out["databases"] = [r.as_dict() for r in self.databases if r.status != "current"]
+        out["current"] = [f"{r.service}/{r.database}" for r in self.databases if r.status == "current"]
+        return out
 
 
 def run_status(exit_code: int) -> str:

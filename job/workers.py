@@ -1,0 +1,297 @@
+"""``--jobs N``: apply several databases at once, each in a worker process of a bounded pool.
+
+Alembic's ``context`` and ``op`` are module-level proxies, so two migrations never share a
+process: each database is applied by ``commands._apply`` inside one worker, exactly as the
+sequential path does it (lock, re-read, one transaction per revision). Workers come from a fork
+server that imported the job once, so starting one costs a fork, not an interpreter. Every log
+line, from the parent or a worker, is written whole under one lock, so stdout stays one JSON
+object per line. The first failure (in manifest order) ends the run: nothing new starts, the
+running databases finish, and the rest are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TextIO
+
+from job import logs
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Lock
+
+    from job.commands import Run
+    from job.db import Target
+    from job.executor import Execution
+    from job.manifest import Manifest
+    from job.plan import Direction
+    from job.report import DatabaseResult
+    from job.services import Service
+    from job.settings import CloudRun, Settings
+
+# Imported once by the fork server, so that each worker starts warm.
+PRELOAD = ["job.workers", "job.commands", "job.executor", "alembic.runtime.environment", "alembic.script"]
+# How long workers get to roll back and release their locks after the run is interrupted.
+STOP_GRACE_S = 15.0
+
+
+@dataclass
+class Task:
+    """One database to apply, with everything a worker needs to do it alone."""
+
+    index: int
+    settings: Settings
+    cloud_run: CloudRun
+    manifest: Manifest
+    target: Target
+    result: DatabaseResult
+    heads: tuple[str, ...]
+    destination: str
+    direction: Direction
+    version_table: str
+    version_schema: str | None
+
+
+@dataclass
+class Outcome:
+    """What a worker did with one database, and the error that stopped it, if any."""
+
+    index: int
+    result: DatabaseResult
+    error: BaseException | None
+
+
+class LockedStream:
+    """A stdout writer that writes each log line whole, under a lock shared by every process."""
+
+    def __init__(self, lock: Lock, stream: TextIO) -> None:
+        self.lock = lock
+        self.stream = stream
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        """Buffer text; write complete lines at once, under the lock."""
+        self.pending += text
+        if "\n" in self.pending:
+            lines, _, self.pending = self.pending.rpartition("\n")
+            with self.lock:
+                self.stream.write(lines + "\n")
+                self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        """Lines are flushed as they complete."""
+
+    def isatty(self) -> bool:
+        """Return whether the underlying stream is a terminal."""
+        return self.stream.isatty()
+
+
+# ---- in the worker --------------------------------------------------------------------------
+
+_services: dict[str, Service] = {}
+
+
+def _start_worker(lock: Lock, fmt: str, labels: dict[str, str], context: dict[str, Any]) -> None:
+    """Set up a worker's logging like the parent's, writing through the shared lock."""
+    logs.setup(fmt, labels=labels, stream=LockedStream(lock, sys.stdout))  # type: ignore[arg-type]
+    logs.bind(**context)
+    # The parent handles Ctrl-C for the whole run; a worker stops when the parent says so.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _warm() -> int:
+    """Return the worker's pid (submitted once per worker so they start during the preflight)."""
+    return os.getpid()
+
+
+def work(task: Task) -> Outcome:
+    """Apply one database in this worker; return its result and error instead of raising."""
+    for secret in (task.target.url.password,):
+        if secret:
+            logs.redact(str(secret))
+    return asyncio.run(_work(task))
+
+
+async def _work(task: Task) -> Outcome:
+    """Apply the task's database; SIGTERM cancels it (the running revision rolls back)."""
+    from job import commands
+    from job.report import RunReport
+    from job.services import discover
+
+    current = asyncio.current_task()
+    assert current is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, current.cancel)
+    if not _services:
+        _services.update(discover(task.settings.services_dir))
+    run = commands.Run(task.settings, task.cloud_run, task.manifest, _services, [], RunReport("worker"))
+    execution = _execution(task, _services[task.target.service])
+    try:
+        await commands._apply(run, task.result, execution)
+    except asyncio.CancelledError:
+        task.result.status = "interrupted"
+        return Outcome(task.index, task.result, asyncio.CancelledError())
+    except BaseException as exc:
+        return Outcome(task.index, task.result, _portable(exc))
+    return Outcome(task.index, task.result, None)
+
+
+def _execution(task: Task, service: Service) -> Execution:
+    """Return the pass the parent's preflight planned, rebuilt in this process."""
+    from job.executor import Execution
+    from job.plan import compute_plan
+
+    execution = Execution(service, task.target, task.destination, direction=task.direction)
+    execution.version_table, execution.version_schema = task.version_table, task.version_schema
+    execution.plan = compute_plan(service, task.heads, task.destination, task.direction)
+    return execution
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """Return an exception that survives pickling, with the traceback text kept for the log."""
+    import pickle
+    import traceback
+
+    from job.errors import MigrateJobError
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        portable = exc
+    except Exception:
+        portable = RuntimeError(f"{type(exc).__name__}: {exc}")
+    if not isinstance(exc, MigrateJobError):
+        portable.__notes__ = ["".join(traceback.format_exception(exc))]  # type: ignore[attr-defined]
+    return portable
+
+
+# ---- in the parent --------------------------------------------------------------------------
+
+
+def _context() -> multiprocessing.context.ForkServerContext:
+    """Return the fork-server context, with the job's modules preloaded into the server."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+@contextlib.contextmanager
+def _parent_lines(lock: Lock) -> Iterator[None]:
+    """Make the parent's own log lines go through the shared lock too."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+    saved = [h.stream for h in handlers]
+    for handler in handlers:
+        handler.setStream(LockedStream(lock, handler.stream))  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        for handler, stream in zip(handlers, saved, strict=True):
+            handler.setStream(stream)
+
+
+class Pool:
+    """The bounded pool of worker processes for one run, started before the preflight."""
+
+    def __init__(self, run: Run, size: int) -> None:
+        context = _context()
+        self.lock = context.Lock()
+        self.size = size
+        fmt, labels = logs.current_setup()
+        self.executor = ProcessPoolExecutor(
+            max_workers=size,
+            mp_context=context,
+            initializer=_start_worker,
+            initargs=(self.lock, fmt, labels, dict(logs.context())),
+        )
+        self.run = run
+        for _ in range(size):
+            self.executor.submit(_warm)
+
+    def close(self) -> None:
+        """Stop the workers (each finished or stopped already)."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    async def apply(self, work: list[tuple[DatabaseResult, Execution]]) -> None:
+        """Apply every database of work, at most size at once; raise the first failure."""
+        tasks = [self._task(i, result, execution) for i, (result, execution) in enumerate(work)]
+        queue = list(reversed(tasks))
+        running: dict[asyncio.Future[Outcome], Task] = {}
+        failures: list[Outcome] = []
+        with _parent_lines(self.lock):
+            try:
+                while queue or running:
+                    while queue and len(running) < self.size and not failures:
+                        task = queue.pop()
+                        running[asyncio.wrap_future(self.executor.submit(work_entry, task))] = task
+                    if not running:
+                        break
+                    done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    for future in done:
+                        del running[future]
+                        failures += self._collect(work, future.result())
+            except asyncio.CancelledError:
+                await self._stop(work, running)
+                raise
+        if failures:
+            first = min(failures, key=lambda o: o.index)
+            assert first.error is not None
+            raise first.error
+
+    def _task(self, index: int, result: DatabaseResult, execution: Execution) -> Task:
+        """Return the worker's task for one planned database."""
+        assert execution.plan is not None
+        run = self.run
+        return Task(
+            index=index,
+            settings=run.settings,
+            cloud_run=run.cloud_run,
+            manifest=run.manifest,
+            target=execution.target,
+            result=result,
+            heads=execution.plan.current,
+            destination=execution.destination,
+            direction=execution.direction,
+            version_table=execution.version_table,
+            version_schema=execution.version_schema,
+        )
+
+    def _collect(self, work: list[tuple[DatabaseResult, Execution]], outcome: Outcome) -> list[Outcome]:
+        """Copy a worker's result into the run's report; return it if it failed."""
+        from job import commands
+
+        result, execution = work[outcome.index]
+        vars(result).update(vars(outcome.result))
+        commands._finish(result, execution, "current")
+        return [outcome] if outcome.error is not None else []
+
+    async def _stop(
+        self, work: list[tuple[DatabaseResult, Execution]], running: dict[asyncio.Future[Outcome], Task]
+    ) -> None:
+        """Tell running workers to stop (their revision rolls back), and wait for them."""
+        for pid in list(getattr(self.executor, "_processes", {}) or {}):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        if not running:
+            return
+        done, _ = await asyncio.wait(running, timeout=STOP_GRACE_S)
+        for future in done:
+            with contextlib.suppress(Exception):
+                self._collect(work, future.result())
+
+
+def work_entry(task: Task) -> Outcome:
+    """The worker entry point (a module-level function, so it pickles by name)."""
+    return work(task)
+
+
+def pool_for(run: Run, databases: int) -> Pool | None:
+    """Return a pool when the run asks for --jobs above 1 and has several databases."""
+    size = min(run.jobs, databases)
+    return Pool(run, size) if size > 1 else None
