@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from job import logs
+from job import logs, version
 from job.errors import (
     ConfigError,
     ConnectError,
@@ -116,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("heads", parents=[selectors], help="show each service's head revision (no database)")
     hist = sub.add_parser("history", parents=[selectors], help="list each service's revisions (no database)")
     hist.add_argument("--verbose", action="store_true", help="also the file and branch labels")
+    hist.add_argument(
+        "--applied",
+        action="store_true",
+        help="each database's migrate_job_history: what was applied, when, by which execution and image",
+    )
+    ack = sub.add_parser(
+        "acknowledge",
+        parents=[selectors],
+        help="accept edited applied revisions as they are now (recorded in migrate_job_history)",
+    )
+    ack.add_argument("revisions", nargs="+", metavar="REV", help="the edited revision(s)")
+    ack.add_argument("--yes", action="store_true", help="confirm")
     return parser
 
 
@@ -220,7 +232,7 @@ def _prepare(args: argparse.Namespace, report: RunReport) -> Run:
         manifest=str(run.manifest.path),
         database_count=len(run.entries),
         to_discover=len(run.undiscovered) or None,
-        version=_version(),
+        version=version(),
         image=settings.image,
         image_revision=settings.image_revision,
     )
@@ -269,8 +281,13 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
             await commands.current(run, allow_ahead=args.allow_ahead)
         elif args.command == "heads":
             commands.heads(run)
+        elif args.command == "history" and args.applied:
+            await commands.discover_databases(run)
+            await commands.applied_history(run)
         elif args.command == "history":
             commands.history(run, verbose=args.verbose)
+        elif args.command == "acknowledge":
+            await commands.acknowledge(run, args.revisions, yes=args.yes)
         else:
             await commands.upgrade(run, to=args.to, allow_ahead=args.allow_ahead)
     except asyncio.CancelledError:
@@ -312,16 +329,6 @@ def _log_summary(report: RunReport, code: int) -> None:
         level=logging.INFO if code == 0 else logging.ERROR,
         **summary,
     )
-
-
-def _version() -> str:
-    """Return the installed package version."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("migrate-job")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 if __name__ == "__main__":

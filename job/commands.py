@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from job import db, logs
+from job import db, logs, recorder, version
 from job.errors import ConfigError, HistoryError, MigrateJobError, PendingMigrations
 from job.executor import Execution, apply_with_retries, execute, render_sql
 from job.lock import MigrationLock, lock_key
@@ -576,13 +576,108 @@ def history(run: Run, *, verbose: bool = False) -> None:
             )
 
 
+async def acknowledge(run: Run, revisions: Sequence[str], *, yes: bool = False) -> None:
+    """Record edited revisions' files as they are now, so runs accept the edit (an audited row)."""
+    _confirm(yes, "acknowledge accepts edited revision files as if they had been applied as they are now")
+    services = _selected_services(run)
+    for revision in revisions:
+        if not any(_known(s, revision) for s in services):
+            raise ConfigError(
+                f"revision {revision} is not in the history of {', '.join(s.name for s in services)}",
+                hint="name a revision as migrate-job history shows it, with --service",
+                revision=revision,
+            )
+    inspected = await _inspect_all(run, destination="head", allow_ahead=False, quiet=True, check_edits=False)
+    who = identity(run)
+    for result, execution in inspected:
+        ours = [r for r in revisions if _known(execution.service, r)]
+        done = await _with_history(
+            run,
+            execution,
+            lambda fetch, schema, e=execution, o=ours: recorder.acknowledge(fetch, e.service, schema, o, who),
+        )
+        result.status = "acknowledged" if done else "current"
+        result.applied = list(done or [])
+        logs.event(
+            "history.acknowledged",
+            f"{execution.target.entry.label}: "
+            + (f"acknowledged edited {', '.join(done)}" if done else "nothing edited to acknowledge"),
+            revisions=list(done or []),
+            **execution.target.fields(),
+        )
+
+
+async def applied_history(run: Run) -> None:
+    """Report each database's migrate_job_history rows, oldest first: the audit trail (read-only)."""
+    inspected = await _inspect_all(run, destination="head", allow_ahead=True, quiet=True, check_edits=False)
+    for result, execution in inspected:
+        service = execution.service
+        found = await _with_history(
+            run, execution, lambda fetch, schema, s=service: recorder.rows(fetch, s.name, schema)
+        )
+        for row in found or []:
+            script = (
+                service.script.get_revision(row["revision"]) if _known(service, row["revision"]) else None
+            )
+            now = recorder.checksum(script.path if script else None)
+            at = row["recorded_at"]
+            logs.event(
+                "db.history",
+                f"{execution.target.entry.label}: {row['direction']} {row['revision']} at "
+                f"{at.isoformat(timespec='seconds')} by {row['execution'] or row['recorded_by']}"
+                + ("" if now == row["checksum"] or row["direction"] == "down" else " (file edited since)"),
+                **{**row, "recorded_at": at.isoformat()},
+                edited=now != row["checksum"] if row["direction"] in recorder.COUNTS else None,
+                **execution.target.fields(),
+            )
+        result.status = "current" if result.status != "ahead" else "ahead"
+
+
+def _known(service: Service, revision: str) -> bool:
+    """Return whether a revision id is in the service's scripts."""
+    try:
+        return service.script.get_revision(revision) is not None
+    except Exception:
+        return False
+
+
+async def _with_history(run: Run, execution: Execution, action: Any) -> Any:
+    """Run action(fetch, schema) on the database if its history table exists; else return None."""
+    schema = execution.version_schema
+    connection = await _connect_raw(run, execution.target)
+    try:
+        if not await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", recorder.table_name(schema)):
+            return None
+        return await action(connection.fetch, schema)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(connection.close(), CLEANUP_S)
+
+
 def _selected_services(run: Run) -> list[Service]:
     """Return the services of the selected manifest entries, in manifest order, each once."""
     return [run.services[name] for name in dict.fromkeys(e.service for e in run.entries)]
 
 
+def identity(run: Run) -> recorder.Identity:
+    """Return who this run is, for the history rows it writes."""
+    return recorder.Identity(
+        execution=run.cloud_run.execution,
+        task_index=run.cloud_run.task_index if run.cloud_run.execution else None,
+        image=run.settings.image,
+        image_revision=run.settings.image_revision,
+        job_version=version(),
+    )
+
+
 async def _inspect_all(
-    run: Run, *, destination: str, allow_ahead: bool, quiet: bool = False, direction: Direction = "up"
+    run: Run,
+    *,
+    destination: str,
+    allow_ahead: bool,
+    quiet: bool = False,
+    direction: Direction = "up",
+    check_edits: bool = True,
 ) -> list[tuple[DatabaseResult, Execution]]:
     """Preflight: read every database's revision before anything changes anywhere.
 
@@ -591,10 +686,18 @@ async def _inspect_all(
     """
     targets = preflight(run, destination)
     inspected = []
+    who = identity(run)
     for target in targets:
         result = run.report.add(DatabaseResult(target.service, target.database, target.fields()["instance"]))
+        service = run.services[target.service]
         execution = Execution(
-            run.services[target.service], target, destination, quiet=quiet, direction=direction
+            service,
+            target,
+            destination,
+            quiet=quiet,
+            direction=direction,
+            recorder=recorder.Recorder(service, who, direction),
+            check_edits=check_edits,
         )
         inspected.append((result, execution))
     first: dict[str, Execution] = {}
@@ -660,7 +763,15 @@ async def _inspect_quick(run: Run, result: DatabaseResult, execution: Execution)
             url=target.display,
             **target.fields(),
         )
-        heads = await db.read_version(connection, execution.version_table, execution.version_schema)
+        schema = execution.version_schema
+        heads, has_history = await db.read_version(
+            connection, execution.version_table, schema, recorder.table_name(schema)
+        )
+        if has_history and heads and execution.check_edits:
+            await recorder.check(connection.fetch, execution.service, schema, heads, target.entry.label)
+    except MigrateJobError as exc:
+        result.status, result.error = "failed", exc.message
+        raise
     except Exception as exc:
         result.status, result.error = "failed", db.describe(exc)
         raise db.connect_error(target, exc, time.monotonic() - started) from exc
@@ -691,12 +802,42 @@ async def _inspect(run: Run, result: DatabaseResult, execution: Execution) -> No
             **target.fields(),
         )
         await execute(connection, execution)
+        if execution.check_edits and execution.plan is not None and execution.plan.current:
+            await _check_edits(connection, execution)
+    except MigrateJobError as exc:
+        result.status, result.error = "failed", exc.message
+        raise
     finally:
         await _close(engine, connection)
         result.duration_ms += elapsed_ms(started)
     # Where the database was when this run first looked; later passes must not move it.
     result.from_revision = execution.plan.from_revision if execution.plan else None
     _record(result, execution, [])
+
+
+async def _check_edits(connection: AsyncConnection, execution: Execution) -> None:
+    """Raise HistoryError if an applied revision was edited (read-only; rolls back after)."""
+    schema = execution.version_schema
+    fetch = _sa_fetch(connection)
+    try:
+        exists = await fetch("SELECT to_regclass($1) IS NOT NULL", recorder.table_name(schema))
+        if exists[0][0]:
+            assert execution.plan is not None
+            await recorder.check(
+                fetch, execution.service, schema, execution.plan.current, execution.target.entry.label
+            )
+    finally:
+        await connection.rollback()
+
+
+def _sa_fetch(connection: AsyncConnection) -> recorder.Fetch:
+    """Return a fetch(sql, *args) over a SQLAlchemy connection, like asyncpg's ($1 parameters)."""
+
+    async def fetch(sql: str, *args: Any) -> list[Any]:
+        found = await connection.exec_driver_sql(sql, args)
+        return list(found.all()) if found.returns_rows else []
+
+    return fetch
 
 
 async def _apply(run: Run, result: DatabaseResult, expected: Execution) -> None:
@@ -732,6 +873,7 @@ async def _apply_once(run: Run, result: DatabaseResult, expected: Execution, app
     try:
         await db.watch_client(connection)
         await lock.acquire(run.settings.lock_wait_s)
+        await recorder.ensure_table(connection, expected.version_schema)
         execution = await apply_with_retries(engine, connection, expected, applied)
     except (SQLAlchemyError, OSError) as exc:
         # Taking or polling the lock failed below the migration: the connection broke.

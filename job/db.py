@@ -255,16 +255,22 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-async def read_version(connection: Any, table: str, schema: str | None) -> tuple[str, ...]:
-    """Return the revisions in a version table in one round trip; () when there is no table yet."""
+async def read_version(
+    connection: Any, table: str, schema: str | None, history: str
+) -> tuple[tuple[str, ...], bool]:
+    """Return the revisions in a version table and whether the table ``history`` exists, at once.
+
+    One round trip; no version table yet is ``()``.
+    """
     import asyncpg
 
     where = f"{quote_ident(schema)}.{quote_ident(table)}" if schema else quote_ident(table)
     try:
-        rows = await connection.fetch(f"SELECT version_num FROM {where}")
+        sql = f"SELECT version_num, to_regclass($1) IS NOT NULL FROM {where}"
+        rows = await connection.fetch(sql, history)
     except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
-        return ()
-    return tuple(sorted(r[0] for r in rows))
+        return (), False
+    return tuple(sorted(r[0] for r in rows)), bool(rows and rows[0][1])
 
 
 async def watch_client(connection: AsyncConnection) -> None:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
     from job.db import Target
+    from job.recorder import Recorder
     from job.services import Service
 
 
@@ -49,6 +50,8 @@ class Execution:
     quiet: bool = False
     direction: Direction = "up"
     offline: bool = False  # rendering SQL: nothing is applied, so nothing is logged as applied
+    recorder: Recorder | None = None  # writes migrate_job_history rows when applying
+    check_edits: bool = True  # the preflight refuses applied revisions edited since they ran
 
     def __call__(self, heads: tuple[str, ...], context: MigrationContext) -> Iterator[MigrationStep]:
         """Alembic's ``fn``: compute the plan from the heads read under env.py's settings."""
@@ -57,6 +60,8 @@ class Execution:
         plan = self.plan_from(tuple(heads))
         if not self.apply:
             return iter(())
+        if self.recorder is not None and not self.offline and not context.as_sql:
+            self.recorder.attach(context)
         return self._steps(plan)
 
     def plan_from(self, heads: tuple[str, ...]) -> Plan:

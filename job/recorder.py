@@ -1,0 +1,272 @@
+"""The job's own records: ``migrate_job_history``, one row per applied, reverted or stamped revision.
+
+This module is the only one that writes the table. Each row is written by Alembic's
+``on_version_apply`` hook, inside the revision's own transaction, right after the version table
+moved: the record and the migration commit together or not at all. A row keeps the revision
+file's checksum, so a later run can tell that an applied revision was edited afterwards (its
+file no longer matches what ran), and who applied it: execution, task, image, job version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from job.errors import HistoryError
+
+if TYPE_CHECKING:
+    from alembic.runtime.migration import MigrationContext, MigrationInfo
+
+    from job.services import Service
+
+TABLE = "migrate_job_history"
+COLUMNS = "service, revision, direction, checksum, execution, task_index, image, image_revision, job_version"
+# Recorded as applied (or its edit acknowledged): the checksum to compare with the file.
+COUNTS = ("up", "acknowledge")
+
+Fetch = Callable[..., Awaitable[Sequence[Any]]]
+
+
+def table_name(schema: str | None) -> str:
+    """Return the history table's quoted name, in the version table's schema."""
+    from job.db import quote_ident
+
+    return f"{quote_ident(schema)}.{quote_ident(TABLE)}" if schema else quote_ident(TABLE)
+
+
+def create_sql(schema: str | None) -> str:
+    """Return the CREATE TABLE IF NOT EXISTS of the history table."""
+    return f"""CREATE TABLE IF NOT EXISTS {table_name(schema)} (
+    id bigserial PRIMARY KEY,
+    service text NOT NULL,
+    revision text NOT NULL,
+    direction text NOT NULL CHECK (direction IN ('up', 'down', 'stamp', 'acknowledge')),
+    checksum text,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    recorded_by text NOT NULL DEFAULT current_user,
+    execution text,
+    task_index integer,
+    image text,
+    image_revision text,
+    job_version text
+)"""
+
+
+def checksum(path: str | Path | None) -> str | None:
+    """Return the sha256 of a revision file (line endings normalised), or None without a file."""
+    if path is None:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    return hashlib.sha256(data.replace(b"\r\n", b"\n")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who records: the Cloud Run execution and task, the image, the job's version."""
+
+    execution: str | None = None
+    task_index: int | None = None
+    image: str | None = None
+    image_revision: str | None = None
+    job_version: str | None = None
+
+
+async def ensure_table(connection: Any, schema: str | None) -> None:
+    """Create the history table if it is missing (apply paths only, under the migration lock)."""
+    await connection.exec_driver_sql(create_sql(schema))
+    await connection.commit()
+
+
+class Recorder:
+    """Writes one history row per step that Alembic applies, in the step's transaction."""
+
+    def __init__(self, service: Service, identity: Identity, direction: str) -> None:
+        self.service = service
+        self.identity = identity
+        self.direction = direction
+
+    def attach(self, context: MigrationContext) -> None:
+        """Register with the migration context (its on_version_apply hook)."""
+        context.on_version_apply_callbacks = (*context.on_version_apply_callbacks, self._on_version_apply)
+
+    def _on_version_apply(self, *, ctx: MigrationContext, step: MigrationInfo, **_: Any) -> None:
+        """Insert the step's row on the migration's own connection, before its commit."""
+        connection = ctx.connection
+        assert connection is not None
+        schema = ctx.version_table_schema
+        direction = "stamp" if step.is_stamp else ("up" if step.is_upgrade else "down")
+        if step.is_stamp:
+            # A stamp records where the version table now points ("base" for none).
+            revision = "+".join(step.destination_revision_ids) or "base"
+        else:
+            revision = step.up_revision_id or ""
+        single = revision not in ("", "base") and "+" not in revision
+        script = self.service.script.get_revision(revision) if single else None
+        who = self.identity
+        from sqlalchemy import text
+
+        names = ", ".join(":" + c.strip() for c in COLUMNS.split(","))
+        # Bound parameters through SQLAlchemy, whatever driver the service's env.py connected with.
+        connection.execute(
+            text(f"INSERT INTO {table_name(schema)} ({COLUMNS}) VALUES ({names})"),
+            {
+                "service": self.service.name,
+                "revision": revision,
+                "direction": direction,
+                "checksum": checksum(script.path if script else None),
+                "execution": who.execution,
+                "task_index": who.task_index,
+                "image": who.image,
+                "image_revision": who.image_revision,
+                "job_version": who.job_version,
+            },
+        )
+
+
+@dataclass(frozen=True)
+class Record:
+    """The latest history row of one revision."""
+
+    revision: str
+    direction: str
+    checksum: str | None
+    recorded_at: datetime | None
+    execution: str | None
+
+
+@dataclass(frozen=True)
+class Edit:
+    """An applied revision whose file changed since it ran."""
+
+    revision: str
+    recorded: str
+    now: str | None
+    recorded_at: datetime | None
+    execution: str | None
+
+    def describe(self) -> str:
+        """Return one line for the error message."""
+        when = self.recorded_at.isoformat(timespec="seconds") if self.recorded_at else "an earlier run"
+        by = f" by {self.execution}" if self.execution else ""
+        now = f"{self.now[:12]}" if self.now else "(file gone)"
+        return f"{self.revision} (applied {when}{by}; checksum then {self.recorded[:12]}, now {now})"
+
+
+async def latest(fetch: Fetch, service: str, schema: str | None) -> dict[str, Record]:
+    """Return each revision's latest history row for a service (the table must exist)."""
+    rows = await fetch(
+        f"SELECT DISTINCT ON (revision) revision, direction, checksum, recorded_at, execution "
+        f"FROM {table_name(schema)} WHERE service = $1 ORDER BY revision, id DESC",
+        service,
+    )
+    return {r[0]: Record(r[0], r[1], r[2], r[3], r[4]) for r in rows}
+
+
+def edits(service: Service, records: dict[str, Record], applied: set[str]) -> list[Edit]:
+    """Return the applied revisions whose file no longer has the checksum recorded for it."""
+    found = []
+    for revision in sorted(applied):
+        record = records.get(revision)
+        if record is None or record.direction not in COUNTS or record.checksum is None:
+            continue
+        script = service.script.get_revision(revision)
+        now = checksum(script.path if script else None)
+        if now != record.checksum:
+            found.append(Edit(revision, record.checksum, now, record.recorded_at, record.execution))
+    return found
+
+
+def applied_revisions(service: Service, heads: tuple[str, ...]) -> set[str]:
+    """Return every revision at or below the heads (what the database has applied)."""
+    found: set[str] = set()
+    for head in heads:
+        try:
+            found.update(s.revision for s in service.script.revision_map.iterate_revisions(head, "base"))
+        except Exception:
+            continue  # an unknown revision is reported by the plan, with its own hint
+    return found
+
+
+def edited_error(service: Service, label: str, found: list[Edit], **where: Any) -> HistoryError:
+    """Return exit 6 for applied revisions that were edited after they ran."""
+    revisions = " ".join(e.revision for e in found)
+    return HistoryError(
+        f"{label}: applied revision(s) edited since they ran: " + "; ".join(e.describe() for e in found),
+        hint=(
+            "restore the file(s) as they were applied and ship the change as a new revision; if the "
+            "edit changes nothing in the database (a comment, a typo), record that with "
+            f"migrate-job acknowledge {revisions} --service {service.name} --yes"
+        ),
+        service=service.name,
+        revision=found[0].revision,
+        edited=[e.revision for e in found],
+        **where,
+    )
+
+
+async def check(
+    fetch: Fetch, service: Service, schema: str | None, heads: tuple[str, ...], label: str, **where: Any
+) -> None:
+    """Raise HistoryError if an applied revision of the database was edited since it ran."""
+    records = await latest(fetch, service.name, schema)
+    found = edits(service, records, applied_revisions(service, heads))
+    if found:
+        raise edited_error(service, label, found, **where)
+
+
+async def acknowledge(
+    fetch: Fetch, service: Service, schema: str | None, revisions: Sequence[str], identity: Identity
+) -> list[str]:
+    """Record the current checksum of edited revisions as acknowledged; return those recorded."""
+    records = await latest(fetch, service.name, schema)
+    done = []
+    for revision in revisions:
+        record = records.get(revision)
+        script = service.script.get_revision(revision)
+        now = checksum(script.path if script else None)
+        if record is None or record.checksum == now:
+            continue
+        await fetch(
+            f"INSERT INTO {table_name(schema)} ({COLUMNS}) "
+            "VALUES ($1, $2, 'acknowledge', $3, $4, $5, $6, $7, $8)",
+            service.name,
+            revision,
+            now,
+            identity.execution,
+            identity.task_index,
+            identity.image,
+            identity.image_revision,
+            identity.job_version,
+        )
+        done.append(revision)
+    return done
+
+
+async def rows(fetch: Fetch, service: str, schema: str | None) -> list[dict[str, Any]]:
+    """Return a service's whole history in a database, oldest first (the audit trail)."""
+    found = await fetch(
+        f"SELECT id, revision, direction, checksum, recorded_at, recorded_by, execution, task_index, image, "
+        f"image_revision, job_version FROM {table_name(schema)} WHERE service = $1 ORDER BY id",
+        service,
+    )
+    keys = [
+        "id",
+        "revision",
+        "direction",
+        "checksum",
+        "recorded_at",
+        "recorded_by",
+        "execution",
+        "task_index",
+        "image",
+        "image_revision",
+        "job_version",
+    ]
+    return [dict(zip(keys, r, strict=True)) for r in found]
