@@ -9,14 +9,16 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from job import logs
 from job.errors import (
     ConfigError,
     ConnectError,
+    DriftFound,
     HistoryError,
     Interrupted,
+    LintFindings,
     LockTimeout,
     MigrateJobError,
     MigrationFailed,
@@ -37,6 +39,8 @@ EXIT_CODES: dict[type[MigrateJobError], int] = {
     LockTimeout: 5,
     HistoryError: 6,
     MigrationFailed: 7,
+    DriftFound: 8,
+    LintFindings: 9,
     PendingMigrations: 10,
 }
 # Failures whose stack trace helps: a bug in the job, or a migration that raised.
@@ -49,6 +53,7 @@ With no command, runs `upgrade`: this is what the Cloud Run job executes.
 
 exit codes: 0 done, 1 bug, 2 usage/configuration, 3 secret unreadable, 4 database unreachable or
 login refused, 5 lock held too long, 6 invalid history, 7 migration failed (rolled back),
+8 drift between models and migrations (check), 9 lint findings (lint),
 10 pending migrations (plan --check), 130/143 interrupted.
 """
 
@@ -116,7 +121,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("heads", parents=[selectors], help="show each service's head revision (no database)")
     hist = sub.add_parser("history", parents=[selectors], help="list each service's revisions (no database)")
     hist.add_argument("--verbose", action="store_true", help="also the file and branch labels")
+    _add_guardrails(sub, selectors)
     return parser
+
+
+def _add_guardrails(sub: argparse._SubParsersAction[Any], selectors: argparse.ArgumentParser) -> None:
+    """Add the commands that check migration authors' work: check, lint, new-service."""
+    chk = sub.add_parser(
+        "check", parents=[selectors], help="compare models.py with a database at head (exit 8 on drift)"
+    )
+    chk.add_argument(
+        "--scratch",
+        metavar="REF",
+        help="upgrade a scratch database per service and compare it (a URL reference whose role may "
+        "CREATE DATABASE); without it, the manifest's databases are compared read-only",
+    )
+    lnt = sub.add_parser(
+        "lint", parents=[selectors], help="lint each revision's SQL with squawk (exit 9 on findings)"
+    )
+    lnt.add_argument(
+        "--from", dest="start", default="base", metavar="REV", help="first revision's parent (default: base)"
+    )
+    lnt.add_argument("--to", default="head", metavar="REV", help="last revision (default: head)")
+    lnt.add_argument(
+        "--fail-on",
+        choices=("warning", "error"),
+        default="warning",
+        help="fail on findings at or above this level (default: warning, i.e. every finding)",
+    )
+    new = sub.add_parser(
+        "new-service", help="write services/NAME/ from the blessed template (local authoring)"
+    )
+    new.add_argument("name", metavar="NAME", help="the service's folder name, e.g. ledger or risk-engine")
 
 
 def _add_selectors(parser: argparse.ArgumentParser, default: object) -> None:
@@ -248,6 +284,12 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
             commands.heads(run)
         elif args.command == "history":
             commands.history(run, verbose=args.verbose)
+        elif args.command == "check":
+            await commands.check(run, args.scratch)
+        elif args.command == "lint":
+            await commands.lint(run, start=args.start, to=args.to, fail_on=args.fail_on)
+        elif args.command == "new-service":
+            commands.new_service(run, args.name)
         else:
             await commands.upgrade(run, to=args.to, allow_ahead=args.allow_ahead)
     except asyncio.CancelledError:
