@@ -670,10 +670,9 @@ async def check(run: Run, scratch: str | None = None) -> None:
             found += await _check_one(run, target, result, upgrade=False)
     if found:
         services = sorted({d.service for d in found})
+        first = f"{found[0].detail}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
         raise DriftFound(
-            f"{len(found)} difference(s) between models.py and the schema the migrations build, in "
-            + ", ".join(services)
-            + f": {found[0].detail}" * (len(found) == 1),
+            f"models.py and the schema the migrations build differ in {', '.join(services)}: {first}",
             hint="add a migration for each change (migrate-job revision --autogenerate --scratch REF "
             "--service NAME, then review it), or correct models.py; each check.drift line names one",
             service=services[0] if len(services) == 1 else None,
