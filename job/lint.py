@@ -70,7 +70,7 @@ class Finding:
     def description(self) -> str:
         """Return a sentence naming the service, revision, rule and statement."""
         return (
-            f"{self.service}: revision {self.revision} breaks {self.rule}: {self.message} in `{self.short}`"
+            f"{self.service}: revision {self.revision} breaks {self.rule} in `{self.short}`: {self.message}"
         )
 
     @property
@@ -162,6 +162,7 @@ def statements(sql: str) -> list[tuple[int, int, str]]:
     """Return (first line, last line, text) of each statement, lines counted from 0."""
     out = []
     start: int | None = None
+    in_body = False  # inside a $$-quoted function body, whose lines end with ; too
     lines = sql.splitlines()
     for number, line in enumerate(lines):
         stripped = line.strip()
@@ -169,7 +170,8 @@ def statements(sql: str) -> list[tuple[int, int, str]]:
             if not stripped or stripped.startswith("--"):
                 continue
             start = number
-        if stripped.endswith(";"):
+        in_body ^= line.count("$$") % 2 == 1
+        if stripped.endswith(";") and not in_body:
             out.append((start, number, "\n".join(lines[start : number + 1]).strip()))
             start = None
     return out

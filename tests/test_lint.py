@@ -11,7 +11,7 @@ from sqlalchemy.engine import URL
 
 from job import db
 from job.errors import ConfigError
-from job.lint import Finding, exemptions, failing, find_squawk, lint_service, split_revisions
+from job.lint import Finding, exemptions, failing, find_squawk, lint_service, split_revisions, statements
 from job.manifest import DatabaseEntry
 from job.services import discover
 from tests.support import FIXTURES, HEADS, SERVICES_DIR, run_job, write_manifest
@@ -129,6 +129,12 @@ def test_split_keeps_each_revision_in_its_own_transaction() -> None:
     assert (first, second) == ("a1", "b2")
     assert a.startswith("BEGIN;\n\nCREATE TABLE v") and a.rstrip().endswith("COMMIT;")
     assert b.startswith("BEGIN;\n\n-- Running upgrade a1 -> b2") and "SELECT 1" not in b
+
+
+def test_statements_are_found_by_line_even_with_function_bodies() -> None:
+    """A finding's line leads to its whole statement; a $$ body's semicolons do not end it."""
+    sql = "BEGIN;\n\nCREATE FUNCTION f() RETURNS int AS $$\nBEGIN\n  RETURN 1;\nEND;\n$$ LANGUAGE plpgsql;\n"
+    assert [(first, last) for first, last, _ in statements(sql)] == [(0, 0), (2, 6)]
 
 
 def test_exemptions_need_a_rule_and_a_reason(tmp_path: Path) -> None:
