@@ -9,14 +9,16 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from job import logs, version
 from job.errors import (
     ConfigError,
     ConnectError,
+    DriftFound,
     HistoryError,
     Interrupted,
+    LintFindings,
     LockTimeout,
     MigrateJobError,
     MigrationFailed,
@@ -37,11 +39,14 @@ EXIT_CODES: dict[type[MigrateJobError], int] = {
     LockTimeout: 5,
     HistoryError: 6,
     MigrationFailed: 7,
+    DriftFound: 8,
+    LintFindings: 9,
     PendingMigrations: 10,
 }
 # Failures whose stack trace helps: a bug in the job, or a migration that raised.
 TRACED = {1, 7}
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+OFFLINE_COMMANDS = {"heads", "history", "revision", "lint", "new-service", "verify"}
 
 DESCRIPTION = """\
 Upgrade every database of an environment manifest with its service's Alembic migrations.
@@ -49,6 +54,7 @@ With no command, runs `upgrade`: this is what the Cloud Run job executes.
 
 exit codes: 0 done, 1 bug, 2 usage/configuration, 3 secret unreadable, 4 database unreachable or
 login refused, 5 lock held too long, 6 invalid history, 7 migration failed (rolled back),
+8 drift between models and migrations (check), 9 lint findings (lint),
 10 pending migrations (plan --check), 130/143 interrupted.
 """
 
@@ -128,7 +134,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ack.add_argument("revisions", nargs="+", metavar="REV", help="the edited revision(s)")
     ack.add_argument("--yes", action="store_true", help="confirm")
+    _add_guardrails(sub, selectors)
     return parser
+
+
+def _add_guardrails(sub: argparse._SubParsersAction[Any], selectors: argparse.ArgumentParser) -> None:
+    """Add the commands that check migration authors' work: check, lint, new-service."""
+    chk = sub.add_parser(
+        "check", parents=[selectors], help="compare models.py with a database at head (exit 8 on drift)"
+    )
+    chk.add_argument(
+        "--scratch",
+        metavar="REF",
+        help="upgrade a scratch database per service and compare it (a URL reference whose role may "
+        "CREATE DATABASE); without it, the manifest's databases are compared read-only",
+    )
+    lnt = sub.add_parser(
+        "lint", parents=[selectors], help="lint each revision's SQL with squawk (exit 9 on findings)"
+    )
+    lnt.add_argument(
+        "--from", dest="start", default="base", metavar="REV", help="first revision's parent (default: base)"
+    )
+    lnt.add_argument("--to", default="head", metavar="REV", help="last revision (default: head)")
+    lnt.add_argument(
+        "--fail-on",
+        choices=("warning", "error"),
+        default="warning",
+        help="fail on findings at or above this level (default: warning, i.e. every finding)",
+    )
+    new = sub.add_parser(
+        "new-service", help="write services/NAME/ from the blessed template (local authoring)"
+    )
+    new.add_argument("name", metavar="NAME", help="the service's folder name, e.g. ledger or risk-engine")
 
 
 def _add_selectors(parser: argparse.ArgumentParser, default: object) -> None:
@@ -263,7 +300,8 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
     # A signal that arrived while blocked is delivered now, to the handler above.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
-        if args.command not in {"heads", "history", "revision"}:
+        # Commands that read only the scripts or a scratch database never list the manifest's.
+        if args.command not in OFFLINE_COMMANDS and not getattr(args, "scratch", None):
             await commands.discover_databases(run)
         if args.command == "plan":
             await commands.plan(run, check=args.check, to=args.to, allow_ahead=args.allow_ahead)
@@ -288,6 +326,12 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
             commands.history(run, verbose=args.verbose)
         elif args.command == "acknowledge":
             await commands.acknowledge(run, args.revisions, yes=args.yes)
+        elif args.command == "check":
+            await commands.check(run, args.scratch)
+        elif args.command == "lint":
+            await commands.lint(run, start=args.start, to=args.to, fail_on=args.fail_on)
+        elif args.command == "new-service":
+            commands.new_service(run, args.name)
         else:
             await commands.upgrade(run, to=args.to, allow_ahead=args.allow_ahead)
     except asyncio.CancelledError:

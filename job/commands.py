@@ -956,3 +956,182 @@ def _record(result: DatabaseResult, execution: Execution, applied: list[Step]) -
     if plan is not None:
         done = set(result.applied)
         result.pending = [s.revision for s in plan.steps if s.revision not in done]
+
+
+async def check(run: Run, scratch: str | None = None) -> None:
+    """Compare each selected service's models.py with a database at head; raise DriftFound on a difference.
+
+    With scratch (a URL reference whose role may create databases), a fresh database per service
+    is upgraded to head, compared and dropped: what CI runs. Without, the manifest's databases are
+    compared read-only; one that is not at head cannot be compared and is reported as behind.
+    """
+    from job.drift import Difference
+    from job.errors import DriftFound
+
+    found: list[Difference] = []
+    if scratch is not None:
+        admin_url = _scratch_admin_url(run, scratch)
+        for service in _selected_services(run):
+            name = f"mj_check_{service.name.replace('-', '_')}_{os.getpid()}"
+            entry = DatabaseEntry(service=service.name, database=name, url=scratch)
+            target = db.Target(entry, admin_url.set(database=name))
+            result = run.report.add(DatabaseResult(service.name, name, "scratch"))
+            await _scratch_database(admin_url, name, create=True)
+            try:
+                found += await _check_one(run, target, result, upgrade=True)
+            finally:
+                await _scratch_database(admin_url, name, create=False)
+    else:
+        for target in preflight(run):
+            result = run.report.add(
+                DatabaseResult(target.service, target.database, target.fields()["instance"])
+            )
+            found += await _check_one(run, target, result, upgrade=False)
+    if found:
+        services = sorted({d.service for d in found})
+        first = f"{found[0].detail}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
+        raise DriftFound(
+            f"models.py and the schema the migrations build differ in {', '.join(services)}: {first}",
+            hint="add a migration for each change (migrate-job revision --autogenerate --scratch REF "
+            "--service NAME, then review it), or correct models.py; each check.drift line names one",
+            service=services[0] if len(services) == 1 else None,
+        )
+    behind = [r for r in run.report.databases if r.status == "behind"]
+    if behind:
+        raise PendingMigrations(
+            f"{len(behind)} database(s) are not at head, so their schema was not compared: "
+            + ", ".join(f"{r.service}/{r.database}" for r in behind),
+            hint="upgrade them first, or compare a scratch database with check --scratch REF",
+        )
+
+
+async def _check_one(run: Run, target: db.Target, result: DatabaseResult, *, upgrade: bool) -> list[Any]:
+    """Compare one database with its service's models (after upgrading it, for a scratch database)."""
+    from job import drift
+
+    service = run.services[target.service]
+    started = time.monotonic()
+    engine, connection = await _connect(run, target)
+    try:
+        if upgrade:
+            await execute(connection, Execution(service, target, "head", True, quiet=True, offline=True))
+        found = await drift.read_models(connection, drift.MetadataProbe(service, target, quiet=True))
+        assert found.plan is not None
+        result.from_revision = result.to_revision = found.plan.from_revision
+        if found.plan.pending:
+            result.status, result.pending = "behind", [s.revision for s in found.plan.steps]
+            logs.event(
+                "check.behind",
+                f"{target.entry.label} is at {found.plan.from_revision or 'base'}, not at head "
+                f"{found.plan.target}: not compared",
+                level=logging.WARNING,
+                revision=found.plan.from_revision,
+                head=found.plan.target,
+                **target.fields(),
+            )
+            return []
+        differences = await drift.compare(connection, found)
+    finally:
+        await _close(engine, connection)
+        result.duration_ms = elapsed_ms(started)
+    result.status = "drift" if differences else "clean"
+    for difference in differences:
+        logs.event(
+            "check.drift",
+            difference.description,
+            level=logging.WARNING,
+            **{**target.fields(), **difference.fields()},
+        )
+    if not differences:
+        logs.event(
+            "check.clean",
+            f"{service.name}: models.py matches {target.entry.label} at {result.to_revision or 'base'}",
+            revision=result.to_revision,
+            **target.fields(),
+        )
+    return differences
+
+
+async def lint(run: Run, *, start: str | None = None, to: str = "head", fail_on: str = "warning") -> None:
+    """Lint the offline SQL of each selected service's revisions with squawk; raise LintFindings.
+
+    Needs no database: the SQL is rendered from start (default base) to ``to``.
+    """
+    from sqlalchemy.engine import URL
+
+    from job import lint as linting
+    from job.errors import LintFindings
+
+    squawk = linting.find_squawk()
+    failed: list[linting.Finding] = []
+    for service in _selected_services(run):
+        service.head()
+        if start not in (None, "base"):
+            resolve_revision(service, str(start))
+        entry = DatabaseEntry(service=service.name, database="lint", url="offline")
+        target = db.Target(entry, URL.create(db.DRIVER, database="lint"))
+        for chunk in linting.lint_service(service, target, start=start, to=to, squawk=squawk):
+            exempted: dict[str, list[linting.Finding]] = {}
+            for finding in chunk.findings:
+                if finding.exempted is not None:
+                    exempted.setdefault(finding.rule, []).append(finding)
+                    continue
+                logs.event(
+                    "lint.finding",
+                    finding.description,
+                    level=logging.ERROR if finding.level == "error" else logging.WARNING,
+                    **finding.fields(),
+                )
+            for rule, waived in exempted.items():
+                # One line per rule: a CREATE TABLE can break a rule once per column.
+                logs.event(
+                    "lint.exempted",
+                    f"{service.name}: revision {chunk.revision} is exempt from {rule} "
+                    f"({len(waived)} finding(s)): {waived[0].exempted}",
+                    service=service.name,
+                    revision=chunk.revision,
+                    rule=rule,
+                    reason=waived[0].exempted,
+                    count=len(waived),
+                    statements=list(dict.fromkeys(f.fields()["statement"] for f in waived)),
+                    path=chunk.path,
+                )
+            bad = linting.failing(chunk.findings, fail_on)
+            failed += bad
+            logs.event(
+                "lint.revision",
+                f"{service.name}: revision {chunk.revision} "
+                + (f"has {len(bad)} finding(s) at or above {fail_on}" if bad else "lints clean"),
+                service=service.name,
+                revision=chunk.revision,
+                findings=len(bad),
+                exempted=sum(1 for f in chunk.findings if f.exempted is not None),
+            )
+    if failed:
+        revisions = list(dict.fromkeys(f"{f.service} {f.revision}" for f in failed))
+        raise LintFindings(
+            f"{len(failed)} lint finding(s) at or above {fail_on} in " + ", ".join(revisions),
+            hint="make each statement safe as its lint.finding help says, or, where the rule does not "
+            "apply, add to the revision file: # migrate-job: lint-ignore RULE -- reason",
+            service=failed[0].service if len({f.service for f in failed}) == 1 else None,
+            revision=failed[0].revision if len(revisions) == 1 else None,
+        )
+
+
+def new_service(run: Run, name: str) -> None:
+    """Write services/NAME/ from the blessed template (local authoring; refused on Cloud Run)."""
+    from job import scaffold
+
+    if run.cloud_run.job:
+        raise ConfigError(
+            "new-service is for local authoring and is refused on Cloud Run",
+            hint="create the service on a workstation, commit it, and ship it in the image",
+        )
+    path = scaffold.create_service(run.settings.services_dir, name)
+    logs.event(
+        "service.created",
+        f"wrote {path}: define the tables in models.py, then migrate-job revision --autogenerate "
+        f"--service {name}, and add the service's databases to the manifests",
+        service=name,
+        path=str(path),
+    )

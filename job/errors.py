@@ -98,3 +98,15 @@ class Interrupted(MigrateJobError):
     def __init__(self, signum: int, **kwargs: Any) -> None:
         super().__init__(f"stopped by signal {signum}", **kwargs)
         self.signum = signum
+
+
+class DriftFound(MigrateJobError):
+    """``check``: models.py and the schema its migrations build differ."""
+
+    kind = "drift"
+
+
+class LintFindings(MigrateJobError):
+    """``lint``: the SQL of one or more revisions breaks a PostgreSQL migration rule."""
+
+    kind = "lint"
