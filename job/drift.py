@@ -79,15 +79,17 @@ async def read_models(connection: AsyncConnection, probe: MetadataProbe) -> Meta
 async def compare(connection: AsyncConnection, found: MetadataProbe) -> list[Difference]:
     """Return the differences between the probe's metadata and the connected database (read-only)."""
     metadata = found.metadata
-    version = (found.version_schema, found.version_table)
+    from job.recorder import TABLE
+
+    # The version table and migrate_job_history are the job's bookkeeping, not part of any model.
+    bookkeeping = {(found.version_schema, found.version_table), (found.version_schema, TABLE)}
 
     def run(sync: Connection) -> list[Any]:
         from alembic.autogenerate import compare_metadata
         from alembic.runtime.migration import MigrationContext
 
         def include_object(obj: Any, name: str | None, type_: str, reflected: bool, other: Any) -> bool:
-            # The version table is the job's bookkeeping, not part of any model.
-            return not (type_ == "table" and (getattr(obj, "schema", None), name) == version)
+            return not (type_ == "table" and (getattr(obj, "schema", None), name) in bookkeeping)
 
         context = MigrationContext.configure(
             connection=sync,
