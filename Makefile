@@ -15,7 +15,7 @@ TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo manual)
 IMAGE ?= $(REGION)-docker.pkg.dev/$(PROJECT)/$(REPOSITORY)/migrate-job:$(TAG)
 JOB = migrate-job-$(ENV)
 
-.PHONY: help install demo test lint format image-check image push deploy execute
+.PHONY: help install demo test lint format image-check image push deploy execute bench
 
 help:
 	@echo "make install   create .venv from uv.lock (runtime + dev tools)"
@@ -23,6 +23,7 @@ help:
 	@echo "make test      lint, then the whole test suite against a real PostgreSQL"
 	@echo "make lint      ruff check, ruff format --check, mypy"
 	@echo "make format    ruff format and ruff check --fix"
+	@echo "make bench     time this job against an alembic loop and psql -f on 100 databases (not in make test)"
 	@echo "make image-check  hadolint, job YAMLs, cloudbuild.yaml, and the image's files rebuilt and run without Docker"
 	@echo "make image     docker build the image as IMAGE (needs a Docker engine)"
 	@echo "make push      docker push IMAGE to Artifact Registry"
@@ -43,6 +44,9 @@ lint: install
 
 test: lint image-check
 	$(UV) run --frozen pytest
+
+bench: install
+	$(UV) run --frozen python -m devtools.bench $(BENCH_ARGS)
 
 image-check: install
 	$(UV) run --frozen python -m devtools.image_check

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -62,3 +63,9 @@ def test_ratios_and_masking() -> None:
     assert bench.ratio_text("empty", 3.0, 2.0) == "1.50 of floor"
     assert bench.min_median([3.0, 1.0, 2.0]) == (1.0, 2.0)
     assert bench.PASSWORD not in bench.mask(f"url {bench.alembic_url(bench.bench_databases(1)[0], TCP)}")
+
+
+def test_proc_figures_of_a_live_process() -> None:
+    assert (bench.proc_kb(os.getpid(), "status", "VmHWM:") or 0) > 0
+    assert bench.proc_kb(2**22 + 7, "status", "VmHWM:") is None  # above pid_max: never a process
+    assert bench.children(2**22 + 7) == []
