@@ -767,6 +767,7 @@ async def _inspect_quick(run: Run, result: DatabaseResult, execution: Execution)
         heads, has_history = await db.read_version(
             connection, execution.version_table, schema, recorder.table_name(schema)
         )
+        execution.history_exists = has_history
         if has_history and heads and execution.check_edits:
             await recorder.check(connection.fetch, execution.service, schema, heads, target.entry.label)
     except MigrateJobError as exc:
@@ -821,6 +822,7 @@ async def _check_edits(connection: AsyncConnection, execution: Execution) -> Non
     fetch = _sa_fetch(connection)
     try:
         exists = await fetch("SELECT to_regclass($1) IS NOT NULL", recorder.table_name(schema))
+        execution.history_exists = bool(exists[0][0])
         if exists[0][0]:
             assert execution.plan is not None
             await recorder.check(
@@ -873,7 +875,8 @@ async def _apply_once(run: Run, result: DatabaseResult, expected: Execution, app
     try:
         await db.watch_client(connection)
         await lock.acquire(run.settings.lock_wait_s)
-        await recorder.ensure_table(connection, expected.version_schema)
+        if not expected.history_exists:
+            await recorder.ensure_table(await db.driver(connection), expected.version_schema)
         execution = await apply_with_retries(engine, connection, expected, applied)
     except (SQLAlchemyError, OSError) as exc:
         # Taking or polling the lock failed below the migration: the connection broke.

@@ -273,27 +273,30 @@ async def read_version(
     return tuple(sorted(r[0] for r in rows)), bool(rows and rows[0][1])
 
 
+async def driver(connection: AsyncConnection) -> Any:
+    """Return the asyncpg connection under a SQLAlchemy one, for single statements in autocommit.
+
+    The job's own bookkeeping (lock polls, session settings) goes this way: one round trip each,
+    where SQLAlchemy's BEGIN, prepare, execute and COMMIT would cost four.
+    """
+    raw = await connection.get_raw_connection()
+    return raw.driver_connection
+
+
 async def watch_client(connection: AsyncConnection) -> None:
     """Ask the server to notice a vanished client mid-statement (PostgreSQL 14+).
 
     Without it, a backend running a long migration for a SIGKILLed job keeps its transaction
     and the lock until the statement ends; with it, the backend aborts within seconds.
     """
-    from sqlalchemy import text
-
-    version = connection.sync_connection.dialect.server_version_info if connection.sync_connection else None
-    if version and version >= (14,):
-        await connection.execute(text("SET client_connection_check_interval = '2s'"))
-        await connection.commit()
+    raw = await driver(connection)
+    if raw.get_server_version() >= (14,):
+        await raw.execute("SET client_connection_check_interval = '2s'")
 
 
 async def backend_pid(connection: AsyncConnection) -> int:
-    """Return the server process id serving this connection."""
-    from sqlalchemy import text
-
-    pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
-    await connection.commit()
-    return int(pid)
+    """Return the server process id serving this connection (known since the login; no query)."""
+    return int((await driver(connection)).get_server_pid())
 
 
 def _log_retry(target: Target, state: Any) -> None:

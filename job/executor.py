@@ -52,6 +52,7 @@ class Execution:
     offline: bool = False  # rendering SQL: nothing is applied, so nothing is logged as applied
     recorder: Recorder | None = None  # writes migrate_job_history rows when applying
     check_edits: bool = True  # the preflight refuses applied revisions edited since they ran
+    history_exists: bool = False  # the preflight saw migrate_job_history (no need to create it)
 
     def __call__(self, heads: tuple[str, ...], context: MigrationContext) -> Iterator[MigrationStep]:
         """Alembic's ``fn``: compute the plan from the heads read under env.py's settings."""

@@ -114,11 +114,12 @@ class MigrationLock:
 
     async def _try(self) -> bool:
         """Return True if one non-blocking attempt took the lock (in its own short transaction)."""
-        from sqlalchemy import text
+        from job.db import driver
 
-        result = await self.connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": self.key})
-        taken = bool(result.scalar_one())
-        await self.connection.commit()
+        # In autocommit on the driver's connection: one round trip, and no snapshot held between polls.
+        taken = bool(
+            await (await driver(self.connection)).fetchval("SELECT pg_try_advisory_lock($1)", self.key)
+        )
         self.held = taken
         return taken
 
@@ -141,13 +142,12 @@ class MigrationLock:
 
     async def release(self) -> None:
         """Release the lock if held; a broken connection releases it by closing."""
-        from sqlalchemy import text
+        from job.db import driver
 
         if not self.held:
             return
         self.held = False
-        await self.connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
-        await self.connection.commit()
+        await (await driver(self.connection)).fetchval("SELECT pg_advisory_unlock($1)", self.key)
         logs.event(
             "lock.released",
             f"released the migration lock of {self.target.entry.label}",

@@ -78,10 +78,12 @@ class Identity:
     job_version: str | None = None
 
 
-async def ensure_table(connection: Any, schema: str | None) -> None:
-    """Create the history table if it is missing (apply paths only, under the migration lock)."""
-    await connection.exec_driver_sql(create_sql(schema))
-    await connection.commit()
+async def ensure_table(raw: Any, schema: str | None) -> None:
+    """Create the history table if it is missing (apply paths only, under the migration lock).
+
+    ``raw`` is the asyncpg connection, idle (autocommit): one round trip.
+    """
+    await raw.execute(create_sql(schema))
 
 
 class Recorder:
