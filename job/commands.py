@@ -8,10 +8,10 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from job.workers import Pool
 
+T = TypeVar("T")
 # How long cleanup (unlock, close) may take after a failure or a signal.
 CLEANUP_S = 2.0
 # How many times a database is started over after the server dropped the connection.
@@ -463,25 +464,23 @@ async def _change(run: Run, destination: str, direction: Direction, *, allow_ahe
     """Check every selected database, then move each in manifest order, stopping at a failure."""
     from job.workers import pool_for
 
-    # Started first, so the workers warm up while the preflight reads every database.
-    pool = pool_for(run, len(run.entries))
-    try:
-        inspected = await _inspect_all(
-            run, destination=destination, allow_ahead=allow_ahead, direction=direction
-        )
-        if pool is not None:
+    inspected = await _inspect_all(run, destination=destination, allow_ahead=allow_ahead, direction=direction)
+    pending = [e for r, e in inspected if r.status != "ahead" and e.plan is not None and e.plan.pending]
+    # Only when there is work for several: a no-op run must not pay for starting workers.
+    pool = pool_for(run, len(pending))
+    if pool is not None:
+        try:
             await _apply_in_pool(pool, inspected)
-            return
-        for result, execution in inspected:
-            if result.status == "ahead":
-                continue
-            assert execution.plan is not None
-            if execution.plan.pending:
-                await _apply(run, result, execution)
-            _finish(result, execution, "current")
-    finally:
-        if pool is not None:
+        finally:
             pool.close()
+        return
+    for result, execution in inspected:
+        if result.status == "ahead":
+            continue
+        assert execution.plan is not None
+        if execution.plan.pending:
+            await _apply(run, result, execution)
+        _finish(result, execution, "current")
 
 
 async def _apply_in_pool(pool: Pool, inspected: list[tuple[DatabaseResult, Execution]]) -> None:
@@ -746,23 +745,33 @@ async def _inspect_or_skip(
         )
 
 
+async def _failing(result: DatabaseResult, opening: Awaitable[T]) -> T:
+    """Return what opening gives; on a connection error, mark the database failed and raise."""
+    try:
+        return await opening
+    except MigrateJobError as exc:
+        result.status, result.error = "failed", exc.message
+        raise
+
+
+def _log_connected(target: db.Target, started: float) -> None:
+    """Log that a database was reached, and how long that took."""
+    logs.event(
+        "db.connected",
+        f"connected to {target.entry.label}",
+        duration_ms=elapsed_ms(started),
+        url=target.display,
+        **target.fields(),
+    )
+
+
 async def _inspect_quick(run: Run, result: DatabaseResult, execution: Execution) -> None:
     """Read a database's revision with one query (version table known) and plan; change nothing."""
     target = execution.target
     started = time.monotonic()
+    connection = await _failing(result, _connect_raw(run, target))
     try:
-        connection = await _connect_raw(run, target)
-    except MigrateJobError as exc:
-        result.status, result.error = "failed", exc.message
-        raise
-    try:
-        logs.event(
-            "db.connected",
-            f"connected to {target.entry.label}",
-            duration_ms=elapsed_ms(started),
-            url=target.display,
-            **target.fields(),
-        )
+        _log_connected(target, started)
         schema = execution.version_schema
         heads, has_history = await db.read_version(
             connection, execution.version_table, schema, recorder.table_name(schema)
@@ -789,19 +798,9 @@ async def _inspect(run: Run, result: DatabaseResult, execution: Execution) -> No
     """Connect, read the database's revision through env.py and plan; change nothing."""
     target = execution.target
     started = time.monotonic()
+    engine, connection = await _failing(result, _connect(run, target))
     try:
-        engine, connection = await _connect(run, target)
-    except MigrateJobError as exc:
-        result.status, result.error = "failed", exc.message
-        raise
-    try:
-        logs.event(
-            "db.connected",
-            f"connected to {target.entry.label}",
-            duration_ms=elapsed_ms(started),
-            url=target.display,
-            **target.fields(),
-        )
+        _log_connected(target, started)
         await execute(connection, execution)
         if execution.check_edits and execution.plan is not None and execution.plan.current:
             await _check_edits(connection, execution)

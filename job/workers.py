@@ -197,7 +197,7 @@ def _parent_lines(lock: Lock) -> Iterator[None]:
 
 
 class Pool:
-    """The bounded pool of worker processes for one run, started before the preflight."""
+    """The bounded pool of worker processes for one run, started once the preflight found work."""
 
     def __init__(self, run: Run, size: int) -> None:
         context = _context()
@@ -211,16 +211,27 @@ class Pool:
             initargs=(self.lock, fmt, labels, dict(logs.context())),
         )
         self.run = run
+        self.used = False
+        # Start every worker now, in parallel, rather than one at a time as tasks arrive.
         for _ in range(size):
             self.executor.submit(_warm)
 
     def close(self) -> None:
-        """Stop the workers (each finished or stopped already)."""
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        """Stop the workers (each finished or stopped already).
+
+        A pool that got no database (nothing pending) is not waited for: its workers may still be
+        starting, and a no-op run must not pay for them.
+        """
+        if not self.used:
+            for pid in list(getattr(self.executor, "_processes", {}) or {}):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.executor.shutdown(wait=self.used, cancel_futures=True)
 
     async def apply(self, work: list[tuple[DatabaseResult, Execution]]) -> None:
         """Apply every database of work, at most size at once; raise the first failure."""
         tasks = [self._task(i, result, execution) for i, (result, execution) in enumerate(work)]
+        self.used = bool(tasks)
         queue = list(reversed(tasks))
         running: dict[asyncio.Future[Outcome], Task] = {}
         failures: list[Outcome] = []
