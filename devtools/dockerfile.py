@@ -1,7 +1,8 @@
 """Read a Dockerfile and its .dockerignore the way the Docker builder does, for ``make image-check``.
 
 Only what the image check needs: instructions per stage (continuations and comments handled, ARG
-defaults and ENV values expanded), and the build context that .dockerignore lets through.
+defaults and ENV values expanded), and the build context that .dockerignore lets through (with
+docker-py's implementation of the rules).
 """
 
 from __future__ import annotations
@@ -130,67 +131,16 @@ def workdir(stage: Stage, before: Instruction | None = None) -> str:
     return current
 
 
-def _pattern(glob: str) -> re.Pattern[str]:
-    """Return the regex of a .dockerignore pattern (Go filepath.Match, plus ``**``)."""
-    out = ""
-    i = 0
-    while i < len(glob):
-        if glob.startswith("**/", i):
-            out += "(?:.*/)?"
-            i += 3
-        elif glob.startswith("**", i):
-            out += ".*"
-            i += 2
-        elif glob[i] == "*":
-            out += "[^/]*"
-            i += 1
-        elif glob[i] == "?":
-            out += "[^/]"
-            i += 1
-        else:
-            out += re.escape(glob[i])
-            i += 1
-    return re.compile(out + r"\Z")
-
-
-def ignore_rules(text: str) -> list[tuple[bool, re.Pattern[str]]]:
-    """Return (is_exception, pattern) for each rule of a .dockerignore, in order."""
-    rules = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        exception = line.startswith("!")
-        glob = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
-        rules.append((exception, _pattern(glob)))
-    return rules
-
-
-def is_ignored(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
-    """Return whether .dockerignore keeps ``path`` (relative, with /) out of the context.
-
-    As in Docker, the last matching rule wins, and a rule matching a parent directory matches
-    everything under it.
-    """
-    parts = path.split("/")
-    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
-    ignored = False
-    for exception, pattern in rules:
-        if any(pattern.match(p) for p in prefixes):
-            ignored = not exception
-    return ignored
-
-
 def context_files(root: Path) -> list[str]:
-    """Return the files (relative paths) of the build context at root that .dockerignore admits."""
+    """Return the files (relative paths) of the build context at root that .dockerignore admits.
+
+    docker-py's ``exclude_paths`` applies Docker's own .dockerignore rules (last match wins,
+    ``!`` exceptions, ``**``); it also keeps the Dockerfile and .dockerignore, as the builder does.
+    """
+    from docker.utils.build import exclude_paths
+
     ignore = root / ".dockerignore"
-    rules = ignore_rules(ignore.read_text()) if ignore.exists() else []
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        dirnames[:] = [d for d in dirnames if d != ".git"]
-        for name in filenames:
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            if not is_ignored(rel, rules):
-                found.append(rel)
-    return sorted(found)
+    patterns = ignore.read_text().splitlines() if ignore.exists() else []
+    patterns = [p.strip() for p in patterns if p.strip() and not p.strip().startswith("#")]
+    kept = exclude_paths(str(root), patterns)
+    return sorted(p for p in kept if (root / p).is_file() and not p.startswith(".git/"))
