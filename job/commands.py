@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -464,10 +464,31 @@ async def _change(run: Run, destination: str, direction: Direction, *, allow_ahe
     """Check every selected database, then move each in manifest order, stopping at a failure."""
     from job.workers import pool_for
 
-    inspected = await _inspect_all(run, destination=destination, allow_ahead=allow_ahead, direction=direction)
+    early: list[asyncio.Future[Pool | None]] = []
+
+    def work_ahead() -> None:
+        # Work was found: start the workers now, while the rest of the preflight runs. In a
+        # thread: starting a fork-server process blocks until the server has imported the job.
+        if not early:
+            early.append(asyncio.ensure_future(asyncio.to_thread(pool_for, run, len(run.entries))))
+
+    try:
+        inspected = await _inspect_all(
+            run, destination=destination, allow_ahead=allow_ahead, direction=direction, on_work=work_ahead
+        )
+    except BaseException:
+        if early:
+            started = await early[0]
+            if started is not None:
+                started.close()
+        raise
     pending = [e for r, e in inspected if r.status != "ahead" and e.plan is not None and e.plan.pending]
+    pool = await early[0] if early else None
+    if pool is not None and len(pending) < 2:
+        pool.close()
+        pool = None
     # Only when there is work for several: a no-op run must not pay for starting workers.
-    pool = pool_for(run, len(pending))
+    pool = pool or pool_for(run, len(pending))
     if pool is not None:
         try:
             await _apply_in_pool(pool, inspected)
@@ -677,6 +698,7 @@ async def _inspect_all(
     quiet: bool = False,
     direction: Direction = "up",
     check_edits: bool = True,
+    on_work: Callable[[], None] | None = None,
 ) -> list[tuple[DatabaseResult, Execution]]:
     """Preflight: read every database's revision before anything changes anywhere.
 
@@ -704,6 +726,8 @@ async def _inspect_all(
         if execution.service.name not in first:
             first[execution.service.name] = execution
             await _inspect_or_skip(run, result, execution, allow_ahead)
+    if on_work is not None and any(e.plan is not None and e.plan.pending for e in first.values()):
+        on_work()
     limit = asyncio.Semaphore(PREFLIGHT_CONCURRENCY)
 
     async def quick(result: DatabaseResult, execution: Execution) -> None:
