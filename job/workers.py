@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from job.executor import Execution
     from job.manifest import Manifest
     from job.plan import Direction
+    from job.recorder import Identity
     from job.report import DatabaseResult
     from job.services import Service
     from job.settings import CloudRun, Settings
@@ -58,6 +59,8 @@ class Task:
     direction: Direction
     version_table: str
     version_schema: str | None
+    identity: Identity | None
+    history_exists: bool
 
 
 @dataclass
@@ -148,10 +151,15 @@ def _execution(task: Task, service: Service) -> Execution:
     """Return the pass the parent's preflight planned, rebuilt in this process."""
     from job.executor import Execution
     from job.plan import compute_plan
+    from job.recorder import Recorder
 
     execution = Execution(service, task.target, task.destination, direction=task.direction)
     execution.version_table, execution.version_schema = task.version_table, task.version_schema
     execution.plan = compute_plan(service, task.heads, task.destination, task.direction)
+    execution.history_exists = task.history_exists
+    if task.identity is not None:
+        # The worker writes the same migrate_job_history rows as the sequential path would.
+        execution.recorder = Recorder(service, task.identity, task.direction)
     return execution
 
 
@@ -271,6 +279,8 @@ class Pool:
             direction=execution.direction,
             version_table=execution.version_table,
             version_schema=execution.version_schema,
+            identity=execution.recorder.identity if execution.recorder else None,
+            history_exists=execution.history_exists,
         )
 
     def _collect(self, work: list[tuple[DatabaseResult, Execution]], outcome: Outcome) -> list[Outcome]:

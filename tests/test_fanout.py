@@ -225,6 +225,14 @@ def test_jobs_apply_every_database_once_with_whole_log_lines(
     assert len(run.events("lock.acquired")) == 6
     assert all(e.get("execution") == "migrate-job-abc12" for e in run.events("migration.applied"))
     assert all(d.version() == [HEADS[d.service]] for d in made)
+    # Workers record what they apply in migrate_job_history, as the sequential path does.
+    for database in made:
+        rows = database.pg.fetch(
+            "SELECT revision, direction, execution FROM migrate_job_history ORDER BY id",
+            database=database.name,
+        )
+        assert [r["revision"] for r in rows][-1:] == [HEADS[database.service]]
+        assert {(r["direction"], r["execution"]) for r in rows} == {("up", "migrate-job-abc12")}
 
 
 def test_two_executions_with_jobs_apply_each_revision_once(
