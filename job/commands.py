@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -276,15 +276,25 @@ async def verify(run: Run, scratch: str) -> None:
     """
     admin_url = _scratch_admin_url(run, scratch)
     for service in _selected_services(run):
-        name = f"mj_verify_{service.name.replace('-', '_')}_{os.getpid()}"
-        entry = DatabaseEntry(service=service.name, database=name, url=scratch)
-        target = db.Target(entry, admin_url.set(database=name))
-        result = run.report.add(DatabaseResult(service.name, name, "scratch"))
-        await _scratch_database(admin_url, name, create=True)
-        try:
+        async with _scratch_target(admin_url, scratch, service, "verify", run.report) as (target, result):
             await _round_trip(run, service, target, result)
-        finally:
-            await _scratch_database(admin_url, name, create=False)
+
+
+@contextlib.asynccontextmanager
+async def _scratch_target(
+    admin_url: Any, scratch: str, service: Service, purpose: str, report: RunReport | None = None
+) -> AsyncIterator[tuple[db.Target, DatabaseResult]]:
+    """Create a scratch database for one service (reported in report, if given); drop it after."""
+    name = f"mj_{purpose}_{service.name.replace('-', '_')}_{os.getpid()}"
+    entry = DatabaseEntry(service=service.name, database=name, url=scratch)
+    result = DatabaseResult(service.name, name, "scratch")
+    if report is not None:
+        report.add(result)
+    await _scratch_database(admin_url, name, create=True)
+    try:
+        yield db.Target(entry, admin_url.set(database=name)), result
+    finally:
+        await _scratch_database(admin_url, name, create=False)
 
 
 async def _scratch_database(admin_url: Any, name: str, *, create: bool) -> None:
@@ -399,11 +409,7 @@ async def revision(run: Run, message: str, *, autogenerate: bool = False, scratc
             "revision --autogenerate needs --scratch REF", hint="a URL whose role may CREATE DATABASE"
         )
     admin_url = _scratch_admin_url(run, scratch)
-    name = f"mj_revision_{service.name.replace('-', '_')}_{os.getpid()}"
-    entry = DatabaseEntry(service=service.name, database=name, url=scratch)
-    target = db.Target(entry, admin_url.set(database=name))
-    await _scratch_database(admin_url, name, create=True)
-    try:
+    async with _scratch_target(admin_url, scratch, service, "revision") as (target, _):
         engine, connection = await _connect(run, target)
         try:
             await execute(connection, Execution(service, target, "head", True, quiet=True, offline=True))
@@ -411,8 +417,6 @@ async def revision(run: Run, message: str, *, autogenerate: bool = False, scratc
             await connection.commit()
         finally:
             await _close(engine, connection)
-    finally:
-        await _scratch_database(admin_url, name, create=False)
 
 
 def _write_revision(service: Service, message: str, connection: Any) -> None:
@@ -998,15 +1002,8 @@ async def check(run: Run, scratch: str | None = None) -> None:
     if scratch is not None:
         admin_url = _scratch_admin_url(run, scratch)
         for service in _selected_services(run):
-            name = f"mj_check_{service.name.replace('-', '_')}_{os.getpid()}"
-            entry = DatabaseEntry(service=service.name, database=name, url=scratch)
-            target = db.Target(entry, admin_url.set(database=name))
-            result = run.report.add(DatabaseResult(service.name, name, "scratch"))
-            await _scratch_database(admin_url, name, create=True)
-            try:
+            async with _scratch_target(admin_url, scratch, service, "check", run.report) as (target, result):
                 found += await _check_one(run, target, result, upgrade=True)
-            finally:
-                await _scratch_database(admin_url, name, create=False)
     else:
         for target in preflight(run):
             result = run.report.add(
