@@ -116,8 +116,11 @@ def _warm() -> int:
     return os.getpid()
 
 
-def work(task: Task) -> Outcome:
-    """Apply one database in this worker; return its result and error instead of raising."""
+def apply_one(task: Task) -> Outcome:
+    """Apply one database in this worker; return its result and error instead of raising.
+
+    The pool's entry point: a module-level function, so it pickles by name.
+    """
     for secret in (task.target.url.password,):
         if secret:
             logs.redact(str(secret))
@@ -231,9 +234,7 @@ class Pool:
         starting, and a no-op run must not pay for them.
         """
         if not self.used:
-            for pid in list(getattr(self.executor, "_processes", {}) or {}):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            self._signal(signal.SIGKILL)
         self.executor.shutdown(wait=self.used, cancel_futures=True)
 
     async def apply(self, work: list[tuple[DatabaseResult, Execution]]) -> None:
@@ -248,7 +249,7 @@ class Pool:
                 while queue or running:
                     while queue and len(running) < self.size and not failures:
                         task = queue.pop()
-                        running[asyncio.wrap_future(self.executor.submit(work_entry, task))] = task
+                        running[asyncio.wrap_future(self.executor.submit(apply_one, task))] = task
                     if not running:
                         break
                     done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -296,9 +297,7 @@ class Pool:
         self, work: list[tuple[DatabaseResult, Execution]], running: dict[asyncio.Future[Outcome], Task]
     ) -> None:
         """Tell running workers to stop (their revision rolls back), and wait for them."""
-        for pid in list(getattr(self.executor, "_processes", {}) or {}):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        self._signal(signal.SIGTERM)
         if not running:
             return
         done, _ = await asyncio.wait(running, timeout=STOP_GRACE_S)
@@ -306,10 +305,11 @@ class Pool:
             with contextlib.suppress(Exception):
                 self._collect(work, future.result())
 
-
-def work_entry(task: Task) -> Outcome:
-    """The worker entry point (a module-level function, so it pickles by name)."""
-    return work(task)
+    def _signal(self, signum: int) -> None:
+        """Send a signal to every worker process the pool has started."""
+        for pid in list(getattr(self.executor, "_processes", {}) or {}):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
 
 def pool_for(run: Run, databases: int) -> Pool | None:
