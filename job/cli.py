@@ -276,6 +276,13 @@ def _prepare(args: argparse.Namespace, report: RunReport) -> Run:
     return run
 
 
+def _reads_manifest_databases(args: argparse.Namespace) -> bool:
+    """Return whether the command works on the manifest's databases (so discover entries are listed)."""
+    if getattr(args, "applied", False):
+        return True
+    return args.command not in OFFLINE_COMMANDS and not getattr(args, "scratch", None)
+
+
 async def _dispatch(args: argparse.Namespace, run: Run) -> None:
     """Run the chosen command; SIGTERM or SIGINT cancels it and ends the run as Interrupted."""
     from job import commands
@@ -301,7 +308,7 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         # Commands that read only the scripts or a scratch database never list the manifest's.
-        if args.command not in OFFLINE_COMMANDS and not getattr(args, "scratch", None):
+        if _reads_manifest_databases(args):
             await commands.discover_databases(run)
         if args.command == "plan":
             await commands.plan(run, check=args.check, to=args.to, allow_ahead=args.allow_ahead)
@@ -320,7 +327,6 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
         elif args.command == "heads":
             commands.heads(run)
         elif args.command == "history" and args.applied:
-            await commands.discover_databases(run)
             await commands.applied_history(run)
         elif args.command == "history":
             commands.history(run, verbose=args.verbose)

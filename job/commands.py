@@ -140,7 +140,7 @@ async def _discovered_names(run: Run, entry: DatabaseEntry) -> list[str]:
             service=entry.service,
         ) from None
     finally:
-        await connection.close()
+        await _close_raw(connection)
     names = sorted({str(r[0]) for r in rows if r[0] is not None})
     bad = [n for n in names if not re.match(NAME_PATTERN, n)]
     if bad:
@@ -674,8 +674,7 @@ async def _with_history(run: Run, execution: Execution, action: Any) -> Any:
             return None
         return await action(connection.fetch, schema)
     finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(connection.close(), CLEANUP_S)
+        await _close_raw(connection)
 
 
 def _selected_services(run: Run) -> list[Service]:
@@ -814,8 +813,7 @@ async def _inspect_quick(run: Run, result: DatabaseResult, execution: Execution)
         result.status, result.error = "failed", db.describe(exc)
         raise db.connect_error(target, exc, time.monotonic() - started) from exc
     finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(connection.close(), CLEANUP_S)
+        await _close_raw(connection)
         result.duration_ms += elapsed_ms(started)
     execution.plan_from(heads)
     result.from_revision = execution.plan.from_revision if execution.plan else None
@@ -965,6 +963,12 @@ async def _release(lock: MigrationLock) -> None:
             level=logging.WARNING,
             **lock.target.fields(),
         )
+
+
+async def _close_raw(connection: Any) -> None:
+    """Close a plain asyncpg connection, bounded in time; a failure to close is not the error."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(connection.close(), CLEANUP_S)
 
 
 async def _close(engine: AsyncEngine, connection: AsyncConnection) -> None:
