@@ -201,6 +201,14 @@ def substitutions_used(text: str) -> set[str]:
     return {m.group(1) or m.group(2) for m in _REFERENCE.finditer(text) if m.group(0) != "$$"}
 
 
+def substitute(text: str, values: dict[str, str]) -> str:
+    """Return text as Cloud Build would pass it to a step (sample values for the built-ins used)."""
+    table = {"PROJECT_ID": "project", "BUILD_ID": "0000", "SHORT_SHA": "", "COMMIT_SHA": "", **values}
+    return _REFERENCE.sub(
+        lambda m: "$" if m.group(0) == "$$" else table.get(m.group(1) or m.group(2), "x"), text
+    )
+
+
 def build_strings(build: Build) -> list[str]:
     """Return every string of a build that Cloud Build substitutes into."""
     strings = [*build.images, *build.tags]

@@ -33,7 +33,7 @@ import yaml
 from pydantic import ValidationError
 
 from devtools import dockerfile
-from devtools.deploy_schema import Build, Job, substitution_problems
+from devtools.deploy_schema import Build, Job, substitute, substitution_problems
 from devtools.pgserver import acquire_server
 from devtools.secretmanager_emulator import SecretManagerEmulator
 
@@ -175,7 +175,7 @@ def build_problems(path: Path, repo: Path) -> list[str]:
     values = {name: value or "dev" for name, value in build.substitutions.items()}
     values["_ENV"] = values.get("_ENV") or "dev"
     for step in build.steps:
-        args = [_substitute(a, values) for a in step.args]
+        args = [substitute(a, values) for a in step.args]
         if step.entrypoint == "bash" and args[:1] == ["-c"]:
             check = subprocess.run(["bash", "-n", "-c", args[1]], capture_output=True, text=True)
             if check.returncode != 0:
@@ -186,17 +186,6 @@ def build_problems(path: Path, repo: Path) -> list[str]:
             if not (repo / word).is_file():
                 problems.append(f"step {step.id}: {word} does not exist")
     return problems
-
-
-def _substitute(text: str, values: dict[str, str]) -> str:
-    """Return text as Cloud Build would pass it to the step (sample values for built-ins)."""
-    builtins = {"PROJECT_ID": "project", "BUILD_ID": "0000", "SHORT_SHA": "", "COMMIT_SHA": ""}
-    table = {**builtins, **values}
-
-    def one(m: re.Match[str]) -> str:
-        return "$" if m.group(0) == "$$" else table.get(m.group(1) or m.group(2), "x")
-
-    return re.sub(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)", one, text)
 
 
 # ---- 4. The image's filesystem --------------------------------------------------------------
