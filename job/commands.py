@@ -640,10 +640,7 @@ async def applied_history(run: Run) -> None:
             run, execution, lambda fetch, schema, s=service: recorder.rows(fetch, s.name, schema)
         )
         for row in found or []:
-            script = (
-                service.script.get_revision(row["revision"]) if _known(service, row["revision"]) else None
-            )
-            now = recorder.checksum(script.path if script else None)
+            now = recorder.file_checksum(service, row["revision"])
             at = row["recorded_at"]
             logs.event(
                 "db.history",

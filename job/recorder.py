@@ -24,7 +24,17 @@ if TYPE_CHECKING:
     from job.services import Service
 
 TABLE = "migrate_job_history"
-COLUMNS = "service, revision, direction, checksum, execution, task_index, image, image_revision, job_version"
+COLUMNS = (
+    "service",
+    "revision",
+    "direction",
+    "checksum",
+    "execution",
+    "task_index",
+    "image",
+    "image_revision",
+    "job_version",
+)
 # Recorded as applied (or its edit acknowledged): the checksum to compare with the file.
 COUNTS = ("up", "acknowledge")
 
@@ -54,6 +64,29 @@ def create_sql(schema: str | None) -> str:
     image_revision text,
     job_version text
 )"""
+
+
+def insert_sql(schema: str | None, placeholders: Sequence[str]) -> str:
+    """Return the INSERT of one history row, with the given placeholder for each of COLUMNS."""
+    return f"INSERT INTO {table_name(schema)} ({', '.join(COLUMNS)}) VALUES ({', '.join(placeholders)})"
+
+
+def row(service: str, revision: str, direction: str, digest: str | None, who: Identity) -> dict[str, Any]:
+    """Return one history row's values by column, in COLUMNS order."""
+    values = (
+        *(service, revision, direction, digest),
+        *(who.execution, who.task_index, who.image, who.image_revision, who.job_version),
+    )
+    return dict(zip(COLUMNS, values, strict=True))
+
+
+def file_checksum(service: Service, revision: str) -> str | None:
+    """Return the checksum of a revision's file in the image (None for no such revision)."""
+    try:
+        script = service.script.get_revision(revision)
+    except Exception:
+        return None  # an unknown or malformed id: there is no file to compare
+    return checksum(script.path if script else None)
 
 
 def checksum(path: str | Path | None) -> str | None:
@@ -110,25 +143,13 @@ class Recorder:
         else:
             revision = step.up_revision_id or ""
         single = revision not in ("", "base") and "+" not in revision
-        script = self.service.script.get_revision(revision) if single else None
-        who = self.identity
+        digest = file_checksum(self.service, revision) if single else None
         from sqlalchemy import text
 
-        names = ", ".join(":" + c.strip() for c in COLUMNS.split(","))
         # Bound parameters through SQLAlchemy, whatever driver the service's env.py connected with.
         connection.execute(
-            text(f"INSERT INTO {table_name(schema)} ({COLUMNS}) VALUES ({names})"),
-            {
-                "service": self.service.name,
-                "revision": revision,
-                "direction": direction,
-                "checksum": checksum(script.path if script else None),
-                "execution": who.execution,
-                "task_index": who.task_index,
-                "image": who.image,
-                "image_revision": who.image_revision,
-                "job_version": who.job_version,
-            },
+            text(insert_sql(schema, [":" + c for c in COLUMNS])),
+            row(self.service.name, revision, direction, digest, self.identity),
         )
 
 
@@ -178,8 +199,7 @@ def edits(service: Service, records: dict[str, Record], applied: set[str]) -> li
         record = records.get(revision)
         if record is None or record.direction not in COUNTS or record.checksum is None:
             continue
-        script = service.script.get_revision(revision)
-        now = checksum(script.path if script else None)
+        now = file_checksum(service, revision)
         if now != record.checksum:
             found.append(Edit(revision, record.checksum, now, record.recorded_at, record.execution))
     return found
@@ -231,22 +251,11 @@ async def acknowledge(
     done = []
     for revision in revisions:
         record = records.get(revision)
-        script = service.script.get_revision(revision)
-        now = checksum(script.path if script else None)
+        now = file_checksum(service, revision)
         if record is None or record.checksum == now:
             continue
-        await fetch(
-            f"INSERT INTO {table_name(schema)} ({COLUMNS}) "
-            "VALUES ($1, $2, 'acknowledge', $3, $4, $5, $6, $7, $8)",
-            service.name,
-            revision,
-            now,
-            identity.execution,
-            identity.task_index,
-            identity.image,
-            identity.image_revision,
-            identity.job_version,
-        )
+        values = row(service.name, revision, "acknowledge", now, identity)
+        await fetch(insert_sql(schema, [f"${i}" for i in range(1, len(COLUMNS) + 1)]), *values.values())
         done.append(revision)
     return done
 
