@@ -468,58 +468,45 @@ async def _change(run: Run, destination: str, direction: Direction, *, allow_ahe
     """Check every selected database, then move each in manifest order, stopping at a failure."""
     from job.workers import pool_for
 
-    early: list[asyncio.Future[Pool | None]] = []
+    starting: asyncio.Future[Pool | None] | None = None
 
-    def work_ahead() -> None:
-        # Work was found: start the workers now, while the rest of the preflight runs. In a
-        # thread: starting a fork-server process blocks until the server has imported the job.
-        if not early:
-            early.append(asyncio.ensure_future(asyncio.to_thread(pool_for, run, len(run.entries))))
+    def work_found() -> None:
+        # Start the workers now, while the rest of the preflight runs. In a thread: starting a
+        # fork-server process blocks until the server has imported the job.
+        nonlocal starting
+        if starting is None:
+            starting = asyncio.ensure_future(asyncio.to_thread(pool_for, run, len(run.entries)))
 
     try:
         inspected = await _inspect_all(
-            run, destination=destination, allow_ahead=allow_ahead, direction=direction, on_work=work_ahead
+            run, destination=destination, allow_ahead=allow_ahead, direction=direction, on_work=work_found
         )
     except BaseException:
-        if early:
-            started = await early[0]
-            if started is not None:
-                started.close()
+        if starting is not None and (started := await starting) is not None:
+            started.close()
         raise
-    pending = [e for r, e in inspected if r.status != "ahead" and e.plan is not None and e.plan.pending]
-    pool = await early[0] if early else None
-    if pool is not None and len(pending) < 2:
+    pool = await starting if starting is not None else None
+    work = [(r, e) for r, e in inspected if r.status != "ahead" and e.plan is not None and e.plan.pending]
+    if pool is not None and len(work) < 2:
         pool.close()
         pool = None
     # Only when there is work for several: a no-op run must not pay for starting workers.
-    pool = pool or pool_for(run, len(pending))
-    if pool is not None:
-        try:
-            await _apply_in_pool(pool, inspected)
-        finally:
-            pool.close()
+    pool = pool or pool_for(run, len(work))
+    pending = {id(execution) for _, execution in work}
+    if pool is None:
+        for result, execution in inspected:
+            if result.status != "ahead":
+                if id(execution) in pending:
+                    await _apply(run, result, execution)
+                _finish(result, execution, "current")
         return
-    for result, execution in inspected:
-        if result.status == "ahead":
-            continue
-        assert execution.plan is not None
-        if execution.plan.pending:
-            await _apply(run, result, execution)
-        _finish(result, execution, "current")
-
-
-async def _apply_in_pool(pool: Pool, inspected: list[tuple[DatabaseResult, Execution]]) -> None:
-    """Apply the databases with pending revisions in the pool; finish the others at once."""
-    work = []
-    for result, execution in inspected:
-        if result.status == "ahead":
-            continue
-        assert execution.plan is not None
-        if execution.plan.pending:
-            work.append((result, execution))
-        else:
-            _finish(result, execution, "current")
-    await pool.apply(work)
+    try:
+        for result, execution in inspected:
+            if result.status != "ahead" and id(execution) not in pending:
+                _finish(result, execution, "current")
+        await pool.apply(work)
+    finally:
+        pool.close()
 
 
 async def plan(run: Run, *, check: bool = False, to: str = "head", allow_ahead: bool = False) -> None:
