@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 from job.errors import PendingMigrations
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Sequence
+    from collections.abc import Awaitable, Callable, Coroutine, Sequence
     from typing import Any
 
-    from job.commands import Run
     from job.report import RunReport
+    from job.run import Run
     from job.settings import Settings
 
 
@@ -48,7 +48,7 @@ def upgrade(
     from job import commands
 
     run = _prepare("upgrade", settings, services, databases)
-    _run_sync(commands.upgrade(run))
+    _run_sync(_listed_then(run, commands.upgrade))
     return run.report
 
 
@@ -59,8 +59,16 @@ def plan(
     from job import commands
 
     run = _prepare("plan", settings, services, databases)
-    _run_sync(commands.plan(run))
+    _run_sync(_listed_then(run, commands.plan))
     return run.report
+
+
+async def _listed_then(run: Run, command: Callable[[Run], Awaitable[None]]) -> None:
+    """List the manifest's ``discover`` databases, as the command line does, then run the command."""
+    from job.run import discover_databases
+
+    await discover_databases(run)
+    await command(run)
 
 
 async def database_status_async(url: str, service_dir: str | Path) -> DatabaseStatus:
@@ -119,11 +127,11 @@ def _prepare(
     command: str, settings: Settings | None, services: Sequence[str], databases: Sequence[str]
 ) -> Run:
     """Return a run for the manifest the settings name."""
-    from job import commands
     from job.report import RunReport
+    from job.run import prepare
     from job.settings import CloudRun, Settings
 
-    return commands.prepare(
+    return prepare(
         RunReport(command), settings or Settings(), CloudRun(), services=services, databases=databases
     )
 

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ from job.report import RunReport
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
-    from job.commands import Run
+    from job.run import Run
 
 EXIT_CODES: dict[type[MigrateJobError], int] = {
     ConfigError: 2,
@@ -247,7 +247,7 @@ def _prepare(args: argparse.Namespace, report: RunReport) -> Run:
     """Read settings, set up logging and load the manifest; return the run."""
     from pydantic import ValidationError
 
-    from job import commands
+    from job.run import prepare
     from job.settings import CloudRun, Settings
 
     try:
@@ -259,9 +259,7 @@ def _prepare(args: argparse.Namespace, report: RunReport) -> Run:
     labels = {k: str(v) for k, v in cloud_run.fields().items()}
     logs.setup(settings.log_format, labels=labels)
     logs.bind(command=args.command, **cloud_run.fields())
-    run = commands.prepare(
-        report, settings, cloud_run, services=args.service, databases=args.database, jobs=args.jobs
-    )
+    run = prepare(report, settings, cloud_run, services=args.service, databases=args.database, jobs=args.jobs)
     logs.event(
         "run.start",
         f"migrate-job {args.command} on {len(run.entries)} database(s) of {run.manifest.path.name}",
@@ -285,7 +283,7 @@ def _reads_manifest_databases(args: argparse.Namespace) -> bool:
 
 async def _dispatch(args: argparse.Namespace, run: Run) -> None:
     """Run the chosen command; SIGTERM or SIGINT cancels it and ends the run as Interrupted."""
-    from job import commands
+    from job.run import discover_databases
 
     received: list[int] = []
     task = asyncio.current_task()
@@ -309,37 +307,10 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
     try:
         # Commands that read only the scripts or a scratch database never list the manifest's.
         if _reads_manifest_databases(args):
-            await commands.discover_databases(run)
-        if args.command == "plan":
-            await commands.plan(run, check=args.check, to=args.to, allow_ahead=args.allow_ahead)
-        elif args.command == "downgrade":
-            await commands.downgrade(run, args.to, yes=args.yes)
-        elif args.command == "stamp":
-            await commands.stamp(run, args.revision, yes=args.yes)
-        elif args.command == "sql":
-            await commands.sql(run, start=args.start, to=args.to, output=args.output)
-        elif args.command == "verify":
-            await commands.verify(run, args.scratch)
-        elif args.command == "revision":
-            await commands.revision(run, args.message, autogenerate=args.autogenerate, scratch=args.scratch)
-        elif args.command == "current":
-            await commands.current(run, allow_ahead=args.allow_ahead)
-        elif args.command == "heads":
-            commands.heads(run)
-        elif args.command == "history" and args.applied:
-            await commands.applied_history(run)
-        elif args.command == "history":
-            commands.history(run, verbose=args.verbose)
-        elif args.command == "acknowledge":
-            await commands.acknowledge(run, args.revisions, yes=args.yes)
-        elif args.command == "check":
-            await commands.check(run, args.scratch)
-        elif args.command == "lint":
-            await commands.lint(run, start=args.start, to=args.to, fail_on=args.fail_on)
-        elif args.command == "new-service":
-            commands.new_service(run, args.name)
-        else:
-            await commands.upgrade(run, to=args.to, allow_ahead=args.allow_ahead)
+            await discover_databases(run)
+        outcome = _command(args)(run)
+        if outcome is not None:
+            await outcome
     except asyncio.CancelledError:
         if received:
             raise Interrupted(received[0]) from None
@@ -347,6 +318,33 @@ async def _dispatch(args: argparse.Namespace, run: Run) -> None:
     finally:
         # Before asyncio.run closes the loop, which puts back the default (deadly) handlers.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def _command(args: argparse.Namespace) -> Callable[[Run], Awaitable[None] | None]:
+    """Return the command function that args choose, bound to its arguments."""
+    from job import commands
+
+    table: dict[str, Callable[[Run], Awaitable[None] | None]] = {
+        "upgrade": lambda run: commands.upgrade(run, to=args.to, allow_ahead=args.allow_ahead),
+        "plan": lambda run: commands.plan(run, check=args.check, to=args.to, allow_ahead=args.allow_ahead),
+        "current": lambda run: commands.current(run, allow_ahead=args.allow_ahead),
+        "downgrade": lambda run: commands.downgrade(run, args.to, yes=args.yes),
+        "stamp": lambda run: commands.stamp(run, args.revision, yes=args.yes),
+        "acknowledge": lambda run: commands.acknowledge(run, args.revisions, yes=args.yes),
+        "heads": commands.heads,
+        "history": lambda run: (
+            commands.applied_history(run) if args.applied else commands.history(run, verbose=args.verbose)
+        ),
+        "sql": lambda run: commands.sql(run, start=args.start, to=args.to, output=args.output),
+        "lint": lambda run: commands.lint(run, start=args.start, to=args.to, fail_on=args.fail_on),
+        "verify": lambda run: commands.verify(run, args.scratch),
+        "check": lambda run: commands.check(run, args.scratch),
+        "revision": lambda run: commands.revision(
+            run, args.message, autogenerate=args.autogenerate, scratch=args.scratch
+        ),
+        "new-service": lambda run: commands.new_service(run, args.name),
+    }
+    return table[args.command]
 
 
 def _log_error(exc: BaseException, code: int) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import time
 import warnings
@@ -26,7 +25,7 @@ from job.report import elapsed_ms
 if TYPE_CHECKING:
     from alembic.runtime.migration import MigrationContext, MigrationStep
     from sqlalchemy.engine import Connection
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
     from job.db import Target
     from job.recorder import Recorder
@@ -304,163 +303,3 @@ def _reason(exc: BaseException) -> str:
     if first.startswith("<class '") and ">: " in first:
         first = first.split(">: ", 1)[1]
     return f"{type(exc).__name__}: {first}"
-
-
-LOCK_NOT_AVAILABLE = "55P03"
-
-# usename and application_name are visible to every role; state and xact_start only with
-# pg_read_all_stats (or to the same role), so they may be NULL.
-BLOCKERS_SQL = """
-SELECT pid, usename, application_name, state, xact_start
-FROM pg_stat_activity WHERE pid = ANY(pg_blocking_pids(:pid))
-"""
-
-
-def is_lock_timeout(exc: BaseException) -> bool:
-    """Return True for a migration that gave up waiting for a table lock (safe to retry)."""
-    return (
-        isinstance(exc, MigrationFailed)
-        and exc.context.get("sqlstate") == LOCK_NOT_AVAILABLE
-        and exc.context.get("retryable", True)
-    )
-
-
-class BlockerWatch:
-    """Watch, from a second connection, which sessions block the migration's connection.
-
-    PostgreSQL's lock_timeout error does not say who held the lock; this does.
-    """
-
-    def __init__(self, engine: AsyncEngine, pid: int, delay_s: float = 0.25) -> None:
-        self.engine = engine
-        self.pid = pid
-        # Most migrations finish at once: only one still running after delay_s gets a watcher
-        # (and its second connection).
-        self.delay_s = delay_s
-        self.blockers: list[dict[str, Any]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> BlockerWatch:
-        self._task = asyncio.create_task(self._watch())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-    async def _watch(self) -> None:
-        """Poll pg_blocking_pids until cancelled, keeping the last non-empty answer."""
-        from sqlalchemy import text
-
-        await asyncio.sleep(self.delay_s)
-        async with self.engine.connect() as connection:
-            while True:
-                rows = (await connection.execute(text(BLOCKERS_SQL), {"pid": self.pid})).mappings().all()
-                await connection.commit()
-                if rows:
-                    self.blockers = [_blocker(row) for row in rows]
-                await asyncio.sleep(0.2)
-
-    def describe(self) -> str:
-        """Return the blockers seen last, for an error message."""
-        return ", ".join(_describe_blocker(b) for b in self.blockers)
-
-
-def _blocker(row: Any) -> dict[str, Any]:
-    """Return a blocking session as plain fields."""
-    xact = row["xact_start"]
-    return {
-        "pid": row["pid"],
-        "user": row["usename"],
-        "application_name": row["application_name"],
-        "state": row["state"],
-        "xact_start": xact.isoformat() if xact else None,
-    }
-
-
-def _describe_blocker(blocker: dict[str, Any]) -> str:
-    """Return ``pid N (app, user U, state, transaction since T)`` with what the role may see."""
-    parts = [blocker["application_name"] or "no application_name"]
-    if blocker["user"]:
-        parts.append(f"user {blocker['user']}")
-    if blocker["state"]:
-        parts.append(blocker["state"])
-    if blocker["xact_start"]:
-        parts.append(f"transaction since {blocker['xact_start']}")
-    return f"pid {blocker['pid']} ({', '.join(parts)})"
-
-
-async def apply_with_retries(
-    engine: AsyncEngine,
-    connection: AsyncConnection,
-    expected: Execution,
-    applied: list[Step],
-) -> Execution:
-    """Apply the plan under the lock already held; retry a migration that hit lock_timeout.
-
-    Only a lock timeout is retried: the migration's transaction rolled back whole, so running it
-    again is safe. Attempts and total time are both bounded by the manifest entry. Steps that
-    commit are appended to applied as they go, whatever happens after.
-    """
-    from tenacity import (
-        AsyncRetrying,
-        retry_if_exception,
-        stop_after_attempt,
-        stop_before_delay,
-        wait_exponential_jitter,
-    )
-
-    from job.db import backend_pid
-
-    entry = expected.target.entry
-    pid = await backend_pid(connection)
-    last: Execution | None = None
-
-    async def attempt() -> Execution:
-        nonlocal last
-        assert expected.plan is not None
-        last = expected.again()
-        try:
-            # Start watching well before lock_timeout fires, so the blocker is known by then.
-            delay = min(0.25, entry.lock_timeout_s / 4) if entry.lock_timeout_s else 0.25
-            async with BlockerWatch(engine, pid, delay) as watch:
-                return await execute(connection, last)
-        except MigrationFailed as exc:
-            if is_lock_timeout(exc):
-                if watch.blockers:
-                    exc.message += f"; blocked by {watch.describe()}"
-                    exc.context["blockers"] = watch.blockers
-                blocker = f"pg_terminate_backend({watch.blockers[0]['pid']})" if watch.blockers else "it"
-                exc.hint = (
-                    f"the migration is fine; another session held the table: let it finish or end {blocker}, "
-                    "then run again (or raise lock_retries / lock_retry_s in the manifest)"
-                )
-            raise
-        finally:
-            applied.extend(last.applied)
-
-    retrying = AsyncRetrying(
-        retry=retry_if_exception(is_lock_timeout),
-        stop=stop_after_attempt(entry.lock_retries + 1) | stop_before_delay(entry.lock_retry_s),
-        wait=wait_exponential_jitter(multiplier=0.5, max=10.0, jitter=0.5),
-        before_sleep=lambda state: _log_lock_retry(expected.target, state),
-        reraise=True,
-    )
-    return await retrying(attempt)
-
-
-def _log_lock_retry(target: Target, state: Any) -> None:
-    """Log a migration that hit lock_timeout and will run again."""
-    exc = state.outcome.exception() if state.outcome else None
-    logs.event(
-        "migration.lock_timeout",
-        f"{exc.message if exc else 'lock timeout'}; retrying in {state.upcoming_sleep:.1f}s",
-        level=logging.WARNING,
-        revision=getattr(exc, "revision", None),
-        attempt=state.attempt_number,
-        wait_s=round(state.upcoming_sleep, 2),
-        blockers=exc.context.get("blockers") if exc else None,
-        **target.fields(),
-    )

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from job import logs
+
+if TYPE_CHECKING:
+    from job.db import Target
+    from job.plan import Plan, Step
 
 
 @dataclass
@@ -21,6 +27,32 @@ class DatabaseResult:
     pending: list[str] = field(default_factory=list)
     duration_ms: int = 0
     error: str | None = None
+
+    def record(self, plan: Plan | None, applied: list[Step]) -> None:
+        """Fill in the revisions from what the database's passes saw and what committed."""
+        self.applied = [s.revision for s in applied] or self.applied
+        if applied:
+            self.to_revision = applied[-1].lands_at
+        elif plan is not None and self.to_revision is None:
+            self.to_revision = plan.from_revision
+        if plan is not None:
+            done = set(self.applied)
+            self.pending = [s.revision for s in plan.steps if s.revision not in done]
+
+    def finish(self, target: Target, status: str) -> None:
+        """Set the final status (unless applying set it) and log that the database is done."""
+        if self.status == "skipped":
+            self.status = status
+        logs.event(
+            "db.done",
+            f"{target.entry.label}: {self.status} at {self.to_revision or 'base'}",
+            status=self.status,
+            from_revision=self.from_revision,
+            to_revision=self.to_revision,
+            applied=self.applied,
+            duration_ms=self.duration_ms,
+            **target.fields(),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """Return the summary entry for this database."""

@@ -45,6 +45,13 @@ class Service:
                 service=self.name,
             ) from exc
 
+    def knows(self, revision: str) -> bool:
+        """Return whether a revision id is in the service's scripts."""
+        try:
+            return self.script.get_revision(revision) is not None
+        except Exception:
+            return False
+
     def head(self) -> str | None:
         """Return the single head revision (None for an empty history); raise HistoryError if many."""
         try:

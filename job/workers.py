@@ -1,7 +1,7 @@
 """``--jobs N``: apply several databases at once, each in a worker process of a bounded pool.
 
 Alembic's ``context`` and ``op`` are module-level proxies, so two migrations never share a
-process: each database is applied by ``commands._apply`` inside one worker, exactly as the
+process: each database is applied by ``job.applying.apply`` inside one worker, exactly as the
 sequential path does it (lock, re-read, one transaction per revision). Workers come from a fork
 server that imported the job once, so starting one costs a fork, not an interpreter. Every log
 line, from the parent or a worker, is written whole under one lock, so stdout stays one JSON
@@ -28,18 +28,25 @@ from job import logs
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Lock
 
-    from job.commands import Run
     from job.db import Target
     from job.executor import Execution
     from job.manifest import Manifest
     from job.plan import Direction
     from job.recorder import Identity
     from job.report import DatabaseResult
+    from job.run import Run
     from job.services import Service
     from job.settings import CloudRun, Settings
 
 # Imported once by the fork server, so that each worker starts warm.
-PRELOAD = ["job.workers", "job.commands", "job.executor", "alembic.runtime.environment", "alembic.script"]
+PRELOAD = [
+    "job.workers",
+    "job.applying",
+    "job.run",
+    "job.executor",
+    "alembic.runtime.environment",
+    "alembic.script",
+]
 # How long workers get to roll back and release their locks after the run is interrupted.
 STOP_GRACE_S = 15.0
 
@@ -129,8 +136,9 @@ def apply_one(task: Task) -> Outcome:
 
 async def _work(task: Task) -> Outcome:
     """Apply the task's database; SIGTERM cancels it (the running revision rolls back)."""
-    from job import commands
+    from job.applying import apply
     from job.report import RunReport
+    from job.run import Run
     from job.services import discover
 
     current = asyncio.current_task()
@@ -138,10 +146,10 @@ async def _work(task: Task) -> Outcome:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, current.cancel)
     if not _services:
         _services.update(discover(task.settings.services_dir))
-    run = commands.Run(task.settings, task.cloud_run, task.manifest, _services, [], RunReport("worker"))
+    run = Run(task.settings, task.cloud_run, task.manifest, _services, [], RunReport("worker"))
     execution = _execution(task, _services[task.target.service])
     try:
-        await commands._apply(run, task.result, execution)
+        await apply(run, task.result, execution)
     except asyncio.CancelledError:
         task.result.status = "interrupted"
         return Outcome(task.index, task.result, asyncio.CancelledError())
@@ -286,11 +294,9 @@ class Pool:
 
     def _collect(self, work: list[tuple[DatabaseResult, Execution]], outcome: Outcome) -> list[Outcome]:
         """Copy a worker's result into the run's report; return it if it failed."""
-        from job import commands
-
         result, execution = work[outcome.index]
         vars(result).update(vars(outcome.result))
-        commands._finish(result, execution, "current")
+        result.finish(execution.target, "current")
         return [outcome] if outcome.error is not None else []
 
     async def _stop(

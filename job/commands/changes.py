@@ -1,0 +1,121 @@
+"""Commands that change databases: upgrade, downgrade, stamp, and acknowledge an edited revision."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from job import logs, recorder
+from job.applying import apply
+from job.errors import ConfigError
+from job.inspection import Inspected, inspect_all, with_history
+from job.plan import Direction
+from job.run import Run, confirm
+
+if TYPE_CHECKING:
+    from job.workers import Pool
+
+
+async def upgrade(run: Run, to: str = "head", *, allow_ahead: bool = False) -> None:
+    """Check every selected database, then upgrade each in manifest order, stopping at a failure."""
+    await _change(run, to, "up", allow_ahead=allow_ahead)
+
+
+async def downgrade(run: Run, to: str, *, yes: bool = False) -> None:
+    """Undo revisions down to ``to`` (a revision, -N or base), where the manifest allows it."""
+    if not run.manifest.allow_downgrade:
+        raise ConfigError(
+            f"manifest {run.manifest.path} sets allow_downgrade = false: downgrades are refused here",
+            hint="roll forward instead: ship a new revision that undoes the change",
+        )
+    confirm(yes, f"downgrade to {to} undoes revisions and may drop data")
+    await _change(run, to, "down")
+
+
+async def stamp(run: Run, revision: str, *, yes: bool = False) -> None:
+    """Set the recorded revision without running migrations (after a manual fix or a restore)."""
+    confirm(yes, f"stamp {revision} records a revision without running its migrations")
+    await _change(run, revision, "stamp")
+
+
+async def _change(run: Run, destination: str, direction: Direction, *, allow_ahead: bool = False) -> None:
+    """Check every selected database, then move each in manifest order, stopping at a failure."""
+    from job.workers import pool_for
+
+    starting: asyncio.Future[Pool | None] | None = None
+
+    def work_found() -> None:
+        # Start the workers now, while the rest of the preflight runs. In a thread: starting a
+        # fork-server process blocks until the server has imported the job.
+        nonlocal starting
+        if starting is None:
+            starting = asyncio.ensure_future(asyncio.to_thread(pool_for, run, len(run.entries)))
+
+    try:
+        inspected = await inspect_all(
+            run, destination=destination, allow_ahead=allow_ahead, direction=direction, on_work=work_found
+        )
+    except BaseException:
+        if starting is not None and (started := await starting) is not None:
+            started.close()
+        raise
+    pool = await starting if starting is not None else None
+    work = [(r, e) for r, e in inspected if r.status != "ahead" and e.plan is not None and e.plan.pending]
+    if pool is not None and len(work) < 2:
+        pool.close()
+        pool = None
+    # Only when there is work for several: a no-op run must not pay for starting workers.
+    pool = pool or pool_for(run, len(work))
+    if pool is None:
+        await _apply_in_order(run, inspected, work)
+        return
+    pending = {id(execution) for _, execution in work}
+    try:
+        for result, execution in inspected:
+            if result.status != "ahead" and id(execution) not in pending:
+                result.finish(execution.target, "current")
+        await pool.apply(work)
+    finally:
+        pool.close()
+
+
+async def _apply_in_order(run: Run, inspected: Inspected, work: Inspected) -> None:
+    """Apply each database with work in manifest order, in this process; report every database."""
+    pending = {id(execution) for _, execution in work}
+    for result, execution in inspected:
+        if result.status != "ahead":
+            if id(execution) in pending:
+                await apply(run, result, execution)
+            result.finish(execution.target, "current")
+
+
+async def acknowledge(run: Run, revisions: Sequence[str], *, yes: bool = False) -> None:
+    """Record edited revisions' files as they are now, so runs accept the edit (an audited row)."""
+    confirm(yes, "acknowledge accepts edited revision files as if they had been applied as they are now")
+    services = run.selected_services
+    for revision in revisions:
+        if not any(s.knows(revision) for s in services):
+            raise ConfigError(
+                f"revision {revision} is not in the history of {', '.join(s.name for s in services)}",
+                hint="name a revision as migrate-job history shows it, with --service",
+                revision=revision,
+            )
+    inspected = await inspect_all(run, destination="head", allow_ahead=False, quiet=True, check_edits=False)
+    who = run.identity()
+    for result, execution in inspected:
+        ours = [r for r in revisions if execution.service.knows(r)]
+        done = await with_history(
+            run,
+            execution,
+            lambda fetch, schema, e=execution, o=ours: recorder.acknowledge(fetch, e.service, schema, o, who),
+        )
+        result.status = "acknowledged" if done else "current"
+        result.applied = list(done or [])
+        logs.event(
+            "history.acknowledged",
+            f"{execution.target.entry.label}: "
+            + (f"acknowledged edited {', '.join(done)}" if done else "nothing edited to acknowledge"),
+            revisions=list(done or []),
+            **execution.target.fields(),
+        )

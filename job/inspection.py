@@ -1,0 +1,220 @@
+"""The read-only preflight: every selected database's revision and plan, before anything changes.
+
+The first database of each service is read through its ``env.py`` (which says where the version
+table is); every other one with one query on a plain connection, several at a time. Applied
+revisions edited since they ran stop the run here (``migrate_job_history`` checksums).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from job import db, logs, recorder
+from job.errors import HistoryError, MigrateJobError
+from job.executor import Execution, execute
+from job.plan import Direction
+from job.report import DatabaseResult, elapsed_ms
+from job.run import Run, close, close_raw
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+T = TypeVar("T")
+# How many databases the read-only preflight reads at once (one connection and query each).
+PREFLIGHT_CONCURRENCY = 8
+
+Inspected = list[tuple[DatabaseResult, Execution]]
+
+
+async def inspect_all(
+    run: Run,
+    *,
+    destination: str,
+    allow_ahead: bool,
+    quiet: bool = False,
+    direction: Direction = "up",
+    check_edits: bool = True,
+    on_work: Callable[[], None] | None = None,
+) -> Inspected:
+    """Return every selected database's result and planned pass, read before anything changes.
+
+    on_work is called as soon as the first database with work is known (to start workers early).
+    """
+    inspected = _passes(run, destination, quiet, direction, check_edits)
+    first: dict[str, Execution] = {}
+    for result, execution in inspected:
+        if execution.service.name not in first:
+            first[execution.service.name] = execution
+            await _inspect_or_skip(run, result, execution, allow_ahead)
+    if on_work is not None and any(e.plan is not None and e.plan.pending for e in first.values()):
+        on_work()
+    limit = asyncio.Semaphore(PREFLIGHT_CONCURRENCY)
+
+    async def quick(result: DatabaseResult, execution: Execution) -> None:
+        async with limit:
+            known = first[execution.service.name]
+            execution.version_table, execution.version_schema = known.version_table, known.version_schema
+            await _inspect_or_skip(run, result, execution, allow_ahead, quick=True)
+
+    rest = [(r, e) for r, e in inspected if first[e.service.name] is not e]
+    tasks = [asyncio.ensure_future(quick(r, e)) for r, e in rest]
+    try:
+        # The first failure in manifest order is the one reported, whatever finished first.
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for task in tasks:
+            task.cancel()
+    for outcome in results:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return inspected
+
+
+def _passes(run: Run, destination: str, quiet: bool, direction: Direction, check_edits: bool) -> Inspected:
+    """Return a result (in the run's report) and an unplanned pass for each selected database."""
+    who = run.identity()
+    inspected = []
+    for target in run.preflight(destination):
+        result = run.report.add(DatabaseResult(target.service, target.database, target.fields()["instance"]))
+        service = run.services[target.service]
+        execution = Execution(
+            service,
+            target,
+            destination,
+            quiet=quiet,
+            direction=direction,
+            recorder=recorder.Recorder(service, who, direction),
+            check_edits=check_edits,
+        )
+        inspected.append((result, execution))
+    return inspected
+
+
+async def _inspect_or_skip(
+    run: Run, result: DatabaseResult, execution: Execution, allow_ahead: bool, *, quick: bool = False
+) -> None:
+    """Inspect one database; with allow_ahead, mark one at an unknown revision as skipped."""
+    try:
+        await (_inspect_quick if quick else _inspect)(run, result, execution)
+    except HistoryError as exc:
+        if not (allow_ahead and exc.revision and exc.context.get("unknown_revision")):
+            raise
+        result.status, result.from_revision, result.error = "ahead", exc.revision, exc.message
+        logs.event(
+            "db.ahead",
+            f"skipping {execution.target.entry.label}: {exc.message}",
+            level=logging.WARNING,
+            revision=exc.revision,
+            **execution.target.fields(),
+        )
+
+
+async def _failing(result: DatabaseResult, opening: Awaitable[T]) -> T:
+    """Return what opening gives; on a connection error, mark the database failed and raise."""
+    try:
+        return await opening
+    except MigrateJobError as exc:
+        result.status, result.error = "failed", exc.message
+        raise
+
+
+def _log_connected(target: db.Target, started: float) -> None:
+    """Log that a database was reached, and how long that took."""
+    logs.event(
+        "db.connected",
+        f"connected to {target.entry.label}",
+        duration_ms=elapsed_ms(started),
+        url=target.display,
+        **target.fields(),
+    )
+
+
+async def _inspect_quick(run: Run, result: DatabaseResult, execution: Execution) -> None:
+    """Read a database's revision with one query (version table known) and plan; change nothing."""
+    target = execution.target
+    started = time.monotonic()
+    connection = await _failing(result, run.connect_raw(target))
+    try:
+        _log_connected(target, started)
+        schema = execution.version_schema
+        heads, has_history = await db.read_version(
+            connection, execution.version_table, schema, recorder.table_name(schema)
+        )
+        execution.history_exists = has_history
+        if has_history and heads and execution.check_edits:
+            await recorder.check(connection.fetch, execution.service, schema, heads, target.entry.label)
+    except MigrateJobError as exc:
+        result.status, result.error = "failed", exc.message
+        raise
+    except Exception as exc:
+        result.status, result.error = "failed", db.describe(exc)
+        raise db.connect_error(target, exc, time.monotonic() - started) from exc
+    finally:
+        await close_raw(connection)
+        result.duration_ms += elapsed_ms(started)
+    execution.plan_from(heads)
+    result.from_revision = execution.plan.from_revision if execution.plan else None
+    result.record(execution.plan, [])
+
+
+async def _inspect(run: Run, result: DatabaseResult, execution: Execution) -> None:
+    """Connect, read the database's revision through env.py and plan; change nothing."""
+    target = execution.target
+    started = time.monotonic()
+    engine, connection = await _failing(result, run.connect(target))
+    try:
+        _log_connected(target, started)
+        await execute(connection, execution)
+        if execution.check_edits and execution.plan is not None and execution.plan.current:
+            await _check_edits(connection, execution)
+    except MigrateJobError as exc:
+        result.status, result.error = "failed", exc.message
+        raise
+    finally:
+        await close(engine, connection)
+        result.duration_ms += elapsed_ms(started)
+    # Where the database was when this run first looked; later passes must not move it.
+    result.from_revision = execution.plan.from_revision if execution.plan else None
+    result.record(execution.plan, [])
+
+
+async def _check_edits(connection: AsyncConnection, execution: Execution) -> None:
+    """Raise HistoryError if an applied revision was edited (read-only; rolls back after)."""
+    schema = execution.version_schema
+    fetch = _sa_fetch(connection)
+    try:
+        exists = await fetch("SELECT to_regclass($1) IS NOT NULL", recorder.table_name(schema))
+        execution.history_exists = bool(exists[0][0])
+        if exists[0][0]:
+            assert execution.plan is not None
+            await recorder.check(
+                fetch, execution.service, schema, execution.plan.current, execution.target.entry.label
+            )
+    finally:
+        await connection.rollback()
+
+
+def _sa_fetch(connection: AsyncConnection) -> recorder.Fetch:
+    """Return a fetch(sql, *args) over a SQLAlchemy connection, like asyncpg's ($1 parameters)."""
+
+    async def fetch(sql: str, *args: Any) -> list[Any]:
+        found = await connection.exec_driver_sql(sql, args)
+        return list(found.all()) if found.returns_rows else []
+
+    return fetch
+
+
+async def with_history(run: Run, execution: Execution, action: Any) -> Any:
+    """Run action(fetch, schema) on the database if its history table exists; else return None."""
+    schema = execution.version_schema
+    connection = await run.connect_raw(execution.target)
+    try:
+        if not await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", recorder.table_name(schema)):
+            return None
+        return await action(connection.fetch, schema)
+    finally:
+        await close_raw(connection)
