@@ -1,0 +1,38 @@
+"""``make bench`` (``python -m devtools.bench``): migrate-job timed against an alembic loop and psql."""
+
+from __future__ import annotations
+
+# The helpers tests/devtools/test_bench.py checks without a database, under the package's name.
+from devtools.bench.databases import (
+    INSTANCE,
+    PASSWORD,
+    PASSWORD_ENV,
+    SERVICES,
+    Endpoint,
+    _conninfo_quote,
+    alembic_url,
+    bench_databases,
+    conninfo,
+    mask,
+    render_manifest,
+)
+from devtools.bench.measure import children, proc_kb
+from devtools.bench.report import min_median, ratio_text
+
+__all__ = [
+    "INSTANCE",
+    "PASSWORD",
+    "PASSWORD_ENV",
+    "SERVICES",
+    "Endpoint",
+    "_conninfo_quote",
+    "alembic_url",
+    "bench_databases",
+    "children",
+    "conninfo",
+    "mask",
+    "min_median",
+    "proc_kb",
+    "ratio_text",
+    "render_manifest",
+]

@@ -1,0 +1,235 @@
+"""What the bench reports: ratio and memory tables, the four targets, build/bench.json, --strict."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from devtools.bench.databases import INSTANCE, SERVICES, Endpoint
+from devtools.bench.measure import REPO, Kind, Variant, tree_sum_kb
+from devtools.bench.scenarios import FLOOR, NOOP_BASELINE
+from devtools.pgserver import PgServer
+
+DEFAULT_OUTPUT = REPO / "build" / "bench.json"
+# The job must pay for itself on the no-op, come near the floor from empty, start faster than
+# alembic (paid on every container start) and fit a small Cloud Run task.
+TARGET_NOOP_SPEEDUP = 20.0
+TARGET_FLOOR_RATIO = 1.5
+TARGET_RSS_MB = 150.0
+RSS_NOTE = (
+    "job process: max RSS from os.wait4, the figure the target checks; with --jobs that is the "
+    "parent only, since it does not reap its fork-server workers. children: each descendant's "
+    "peak RSS (VmHWM), polled from /proc every 100 ms; sum of peaks: job process plus children, "
+    "an upper bound (pages shared after fork count once per process); tree PSS: the largest "
+    "sum of PSS over the job and its children at one poll, closest to what the container holds"
+)
+
+
+def min_median(samples: Sequence[float]) -> tuple[float, float]:
+    """Return the min and median of a non-empty list of timings."""
+    return min(samples), statistics.median(samples)
+
+
+def ratio_text(kind: Kind, median: float, baseline: float | None) -> str:
+    """Return the ratio column: 'Nx faster' than the alembic loop, or 'x.xx of floor'."""
+    if baseline is None or median <= 0:
+        return "n/a"
+    if kind == "noop":
+        speedup = baseline / median
+        return f"{speedup:.1f}x faster" if speedup < 10 else f"{speedup:.0f}x faster"
+    return f"{median / baseline:.2f} of floor"
+
+
+def machine_info(server: PgServer, load_at_start: float) -> dict[str, Any]:
+    """Return the cores, Python and PostgreSQL versions, and the load around the run."""
+    (row,) = server.fetch("SHOW server_version")
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "postgresql": row["server_version"],
+        "server": server.kind,
+        "platform": platform.platform(),
+        # Other work on the machine skews every figure; interleaving spreads it, this shows it.
+        "load_1min_start": load_at_start,
+        "load_1min_end": os.getloadavg()[0],
+    }
+
+
+def variant_rows(variants: Sequence[Variant]) -> list[dict[str, Any]]:
+    """Return one result row per variant: timings, min, median, ratio to its baseline."""
+    medians = {v.name: min_median([s.seconds for s in v.samples])[1] for v in variants}
+    rows = []
+    for v in variants:
+        low, median = min_median([s.seconds for s in v.samples])
+        baseline = medians.get(NOOP_BASELINE if v.kind == "noop" else FLOOR)
+        rss = [s.maxrss_kb for s in v.samples if s.maxrss_kb is not None]
+        kids = [s.descendants_kb for s in v.samples]
+        rows.append(
+            {
+                "variant": v.name,
+                "kind": v.kind,
+                "is_job": v.is_job,
+                "samples_s": [round(s.seconds, 4) for s in v.samples],
+                "min_s": low,
+                "median_s": median,
+                "ratio": ratio_text(v.kind, median, baseline),
+                "max_rss_mb": max(rss) / 1024 if rss else None,
+                "children": max(len(k) for k in kids),
+                "largest_child_mb": max((max(k) for k in kids if k), default=0) / 1024,
+                "tree_sum_mb": max(tree_sum_kb(s) for s in v.samples) / 1024 if rss else None,
+                "tree_pss_mb": max((s.tree_pss_kb or 0) for s in v.samples) / 1024 if rss else None,
+            }
+        )
+    return rows
+
+
+def targets(rows: Sequence[dict[str, Any]], help_times: Mapping[str, list[float]]) -> list[dict[str, Any]]:
+    """Return the four checks: no-op speed-up, from-empty vs floor, start-up, peak memory."""
+    by_name = {r["variant"]: r for r in rows}
+    best_noop = min((r for r in rows if r["is_job"] and r["kind"] == "noop"), key=lambda r: r["median_s"])
+    best_empty = min((r for r in rows if r["is_job"] and r["kind"] == "empty"), key=lambda r: r["median_s"])
+    speedup = by_name[NOOP_BASELINE]["median_s"] / best_noop["median_s"]
+    floor_ratio = best_empty["median_s"] / by_name[FLOOR]["median_s"]
+    job_help = statistics.median(help_times["migrate-job --help"])
+    alembic_help = statistics.median(help_times["alembic --help"])
+    peak = max(r["max_rss_mb"] for r in rows if r["max_rss_mb"] is not None)
+    tree = max(r["tree_sum_mb"] for r in rows if r["tree_sum_mb"] is not None)
+    pss = max(r["tree_pss_mb"] for r in rows if r["tree_pss_mb"] is not None)
+    return [
+        {
+            "target": f"no-op at least {TARGET_NOOP_SPEEDUP:.0f}x faster than the alembic loop",
+            "measured": f"{speedup:.1f}x ({best_noop['variant']})",
+            "passed": speedup >= TARGET_NOOP_SPEEDUP,
+        },
+        {
+            "target": f"from empty at most {TARGET_FLOOR_RATIO}x the psql -f floor",
+            "measured": f"{floor_ratio:.2f}x ({best_empty['variant']})",
+            "passed": floor_ratio <= TARGET_FLOOR_RATIO,
+        },
+        {
+            "target": "migrate-job --help faster than alembic --help",
+            "measured": f"{job_help:.3f} s vs {alembic_help:.3f} s (medians)",
+            "passed": job_help < alembic_help,
+        },
+        {
+            "target": f"peak memory of the job process under {TARGET_RSS_MB:.0f} MB",
+            "measured": f"{peak:.0f} MB (with its children: {pss:.0f} MB PSS, {tree:.0f} MB summed RSS)",
+            "passed": peak < TARGET_RSS_MB,
+        },
+    ]
+
+
+def build_result(
+    *,
+    machine: dict[str, Any],
+    endpoint: Endpoint,
+    databases: int,
+    repeat: int,
+    jobs: int,
+    manifest_form: str,
+    variants: Sequence[Variant],
+    startup_s: dict[str, list[float]],
+    reset_s: list[float],
+    notes: list[str],
+) -> dict[str, Any]:
+    """Return the results as written to bench.json (total_s is added once clean-up is done)."""
+    rows = variant_rows(variants)
+    return {
+        "machine": machine,
+        "databases": databases,
+        "repeat": repeat,
+        "jobs": jobs,
+        "connection": f"Cloud SQL-shaped socket ({INSTANCE})" if endpoint.socket_root else "TCP",
+        "manifest_form": manifest_form,
+        "variants": rows,
+        "startup_s": startup_s,
+        "reset_s": reset_s,
+        "rss_note": RSS_NOTE,
+        "targets": targets(rows, startup_s),
+        "notes": notes,
+    }
+
+
+def print_report(result: dict[str, Any]) -> None:
+    """Print the machine, the timing table, start-up, memory, the targets and the notes."""
+    width = max(len(r["variant"]) for r in result["variants"])
+    _print_machine(result)
+    _print_timings(result["variants"], width)
+    _print_startup(result["startup_s"])
+    _print_memory(result["variants"], width, result["rss_note"])
+    for t in result["targets"]:
+        print(f"{'PASS' if t['passed'] else 'FAIL'}  {t['target']}: {t['measured']}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+
+
+def _print_machine(result: dict[str, Any]) -> None:
+    """Print where and how the figures were taken."""
+    machine = result["machine"]
+    print(
+        f"\nmachine: {machine['cores']} cores, Python {machine['python']}, "
+        f"PostgreSQL {machine['postgresql']} ({machine['server']}), {machine['platform']}; "
+        f"load average {machine['load_1min_start']:.1f} at start, {machine['load_1min_end']:.1f} at end"
+    )
+    print(
+        f"{result['databases']} databases ({', '.join(SERVICES)} round-robin), "
+        f"{result['repeat']} interleaved repetition(s), via {result['connection']}\n"
+        f"manifest: {result['manifest_form']}\n"
+    )
+
+
+def _print_timings(rows: Sequence[dict[str, Any]], width: int) -> None:
+    """Print the min, median and ratio of every variant."""
+    print(f"{'variant':<{width}} | {'min s':>8} | {'median s':>8} | ratio")
+    print(f"{'-' * width}-|-{'-' * 8}-|-{'-' * 8}-|-{'-' * 16}")
+    for r in rows:
+        ratio = "baseline" if r["variant"] in (NOOP_BASELINE, FLOOR) else r["ratio"]
+        print(f"{r['variant']:<{width}} | {r['min_s']:8.2f} | {r['median_s']:8.2f} | {ratio}")
+    print("(ratios from medians: no-op vs the alembic loop, from empty vs the psql -f floor)\n")
+
+
+def _print_startup(startup_s: Mapping[str, list[float]]) -> None:
+    """Print the min and median start-up of each tool."""
+    for name, times in startup_s.items():
+        low, median = min_median(times)
+        print(f"start-up {name:<20} min {low:.3f} s  median {median:.3f} s  ({len(times)} runs)")
+    print()
+
+
+def _print_memory(rows: Sequence[dict[str, Any]], width: int, note: str) -> None:
+    """Print the peak memory of every migrate-job variant, then what each column means."""
+    header = "job process | children | largest child | sum of peaks | tree PSS"
+    print(f"{'peak memory, MB':<{width}} | {header}")
+    for r in rows:
+        if r["max_rss_mb"] is not None:
+            print(
+                f"{r['variant']:<{width}} | {r['max_rss_mb']:11.1f} | {r['children']:8d} | "
+                f"{r['largest_child_mb']:13.1f} | {r['tree_sum_mb']:12.1f} | {r['tree_pss_mb']:8.1f}"
+            )
+    print(f"({note})\n")
+
+
+def write_json(result: dict[str, Any], output: Path) -> None:
+    """Write the results to output and say where, relative to the repository when inside it."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"results written to {display_path(output)}")
+
+
+def display_path(path: Path) -> str:
+    """Return path relative to the repository when inside it (no machine paths in output)."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def exit_code(result: dict[str, Any], *, strict: bool) -> int:
+    """Return 1 if a target was missed under --strict, else 0 (a missed target is still reported)."""
+    missed = [t for t in result["targets"] if not t["passed"]]
+    return 1 if strict and missed else 0
