@@ -135,6 +135,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the session if any test password reached the output of any process the tests ran."""
+    support.stop_warm_server()
     if support.OUTPUT_LOG is None:
         return
     text = support.OUTPUT_LOG.read_text(encoding="utf-8")

@@ -8,11 +8,15 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from devtools.warmjob import WarmServer
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES_DIR = REPO / "services"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# Set it to start every job process as a fresh interpreter (devtools.warmjob explains the default).
+COLD_START = "MIGRATE_TEST_COLD_START"
 PROJECT = "fusion-prime-test"
 # Every character that broke the shell script: a password must survive all of them.
 PASSWORD = "p@ss:/#?%<>&()' w0rd"
@@ -83,21 +87,62 @@ class JobRun:
         return {d["database"]: d for d in self.summary["databases"]}
 
 
-def run_job(*args: str, env: dict[str, str], timeout: float = 120) -> JobRun:
-    """Run ``python -m job ARGS`` as Cloud Run would, with only the given environment added."""
+def job_environment(env: dict[str, str]) -> dict[str, str]:
+    """Return the environment of a job process: the parent's less MIGRATE_/CLOUD_RUN_, plus env."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MIGRATE_", "CLOUD_RUN_"))}
     base.update({"MIGRATE_LOG_FORMAT": "json", "MIGRATE_CONNECT_TIMEOUT_S": "3"})
     base.update(env)
-    proc = subprocess.run(
-        [sys.executable, "-m", "job", *args],
-        env=base,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
-    record_output(proc.stdout + proc.stderr)
-    return JobRun(proc.returncode, proc.stdout, proc.stderr)
+    return base
+
+
+_warm: WarmServer | None = None
+
+
+def start_job(
+    *args: str,
+    env: dict[str, str],
+    stdout: IO[Any] | None = None,
+    stderr: IO[Any] | None = None,
+    cold: bool = False,
+) -> Any:
+    """Start ``python -m job ARGS`` as a process (forked warm, see devtools.warmjob); return it.
+
+    The result has subprocess.Popen's pid, stdout, stderr, poll, wait, send_signal, kill and
+    communicate. cold, or MIGRATE_TEST_COLD_START=1 for every job, starts a fresh interpreter.
+    """
+    global _warm
+    full = job_environment(env)
+    if cold or os.environ.get(COLD_START):
+        return subprocess.Popen(
+            [sys.executable, "-m", "job", *args],
+            env=full,
+            cwd=REPO,
+            stdout=stdout or subprocess.PIPE,
+            stderr=stderr or subprocess.PIPE,
+            text=stdout is None,
+        )
+    if _warm is None:
+        _warm = WarmServer()
+    return _warm.start(list(args), env=full, cwd=REPO, stdout=stdout, stderr=stderr)
+
+
+def stop_warm_server() -> None:
+    """Stop the session's warm job server, if one was started."""
+    if _warm is not None:
+        _warm.stop()
+
+
+def run_job(*args: str, env: dict[str, str], timeout: float = 120, cold: bool = False) -> JobRun:
+    """Run ``python -m job ARGS`` as Cloud Run would, with only the given environment added."""
+    proc = start_job(*args, env=env, cold=cold)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    record_output(stdout + stderr)
+    return JobRun(proc.returncode, stdout, stderr)
 
 
 # Set by conftest for the session: every child process's output is appended here.

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -15,8 +12,9 @@ from typing import IO, Any
 
 import asyncpg
 
+from tests import support
 from tests.conftest import Database
-from tests.support import FIXTURES, HEADS, PROJECT, REPO, JobRun, record_output, write_manifest
+from tests.support import FIXTURES, HEADS, PROJECT, JobRun, record_output, write_manifest
 
 SLOW_REVISIONS = ["bbbb00000001", "bbbb00000002", "bbbb00000003"]
 ALTERING_FIRST, ALTERING_HEAD = "cccc00000001", "cccc00000002"
@@ -42,7 +40,7 @@ class Started:
     """A job process started in the background, its output going to files."""
 
     name: str
-    proc: subprocess.Popen[bytes]
+    proc: Any  # a job process: subprocess.Popen's interface (tests.support.start_job)
     stdout: IO[bytes]
     stderr: IO[bytes]
     stdout_path: Path
@@ -71,17 +69,11 @@ class Started:
 
 def start_job(*args: str, env: dict[str, str], name: str, out_dir: Path) -> Started:
     """Start ``python -m job ARGS`` with the environment support.run_job builds, without waiting."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("MIGRATE_", "CLOUD_RUN_"))}
-    base.update({"MIGRATE_LOG_FORMAT": "json", "MIGRATE_CONNECT_TIMEOUT_S": "3"})
-    base.update(env)
     # Each execution says who it is, so a lock holder named in an error can be traced to its run.
-    base["CLOUD_RUN_EXECUTION"] = name
     stdout_path = out_dir / f"{name}.out"
     stdout = stdout_path.open("w+b")
     stderr = (out_dir / f"{name}.err").open("w+b")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "job", *args], env=base, stdout=stdout, stderr=stderr, cwd=REPO
-    )
+    proc = support.start_job(*args, env={**env, "CLOUD_RUN_EXECUTION": name}, stdout=stdout, stderr=stderr)
     return Started(name, proc, stdout, stderr, stdout_path)
 
 

@@ -76,9 +76,12 @@ def three(
 
 
 def test_cloud_run_execution_upgrades_three_databases_then_is_a_noop(three) -> None:
-    """The walking skeleton: one execution migrates every database; the next one changes nothing."""
+    """The walking skeleton: one execution migrates every database; the next one changes nothing.
+
+    The first run starts a fresh interpreter, as Cloud Run does; the rest of the suite forks warm ones.
+    """
     databases, env = three
-    first = run_job(env=env)
+    first = run_job(env=env, cold=True)
     assert first.code == 0, first.stdout + first.stderr
     assert_clean_output(first)
     for db in databases:

@@ -1,9 +1,11 @@
 """Signals in the middle of a run: SIGTERM, SIGKILL and SIGINT never leave a half-applied revision.
 
 Cloud Run stops a task with SIGTERM (then SIGKILL after the grace period), and an operator stops a
-local run with Ctrl-C. Each test runs the real job as a process on the ``sleepy`` fixture service
-(four revisions, each creating a table and then sleeping 0.3 s in its transaction), stops it at
-random moments, and checks the database and the server afterwards.
+local run with Ctrl-C. Each test runs the real job as a process (a fresh interpreter: a signal may
+land while it starts) on the ``sleepy`` fixture service (four revisions, each creating a table and
+then sleeping 0.3 s in its transaction), stops it at random moments, and checks the database and
+the server afterwards. The random stops run several at a time, each on a database of its own, so
+the suite waits for the kill moments of a round at once rather than one after the other.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ CLOUD_RUN = {
     "CLOUD_RUN_TASK_ATTEMPT": "0",
 }
 KILLS = 20
+# How many jobs are stopped at once (each on its own sleepy database): KILLS / PARALLEL rounds.
+PARALLEL = 4
 # The job must have exited within this long after SIGTERM or SIGINT.
 EXIT_WITHIN_S = 5.0
 # The server notices a vanished client within client_connection_check_interval (2 s).
@@ -67,6 +71,8 @@ class JobProcess:
         )
         self.lines: list[tuple[float, str]] = []
         self.exited_after_s: float | None = None
+        # When the process ended (s since start), whoever waits for it and whenever.
+        self.ended_at: float | None = None
         self.run: JobRun | None = None
         self._stderr: list[str] = []
         self._eof = False
@@ -74,6 +80,7 @@ class JobProcess:
         self._readers = [
             threading.Thread(target=self._read_stdout, daemon=True),
             threading.Thread(target=self._read_stderr, daemon=True),
+            threading.Thread(target=self._watch_exit, daemon=True),
         ]
         for reader in self._readers:
             reader.start()
@@ -99,6 +106,11 @@ class JobProcess:
         with self._changed:
             self._eof = True
             self._changed.notify_all()
+
+    def _watch_exit(self) -> None:
+        """Waiter thread: note when the process ended, while the test tends to other processes."""
+        self.proc.wait()
+        self.ended_at = self.elapsed()
 
     def _read_stderr(self) -> None:
         """Reader thread: keep stderr whole (it must stay empty)."""
@@ -162,8 +174,9 @@ class JobProcess:
             raise AssertionError(
                 f"the job was still running {timeout:.1f}s later:\n{run.stdout}{run.stderr}"
             ) from None
-        self.exited_after_s = self.elapsed()
-        return self._collect()
+        run = self._collect()
+        self.exited_after_s = self.ended_at if self.ended_at is not None else self.elapsed()
+        return run
 
     def _collect(self) -> JobRun:
         """Join the readers and record the output (once) for the session's leak check."""
@@ -183,20 +196,36 @@ class JobProcess:
         return times
 
 
-def stop_at(env: dict[str, str], signum: int, delay: float) -> tuple[JobProcess, JobRun, float]:
-    """Run the job, send it a signal delay seconds after its start; return it, its run, and when."""
-    with JobProcess(env) as job:
+def stop_all_at(
+    sleepies: list[Sleepy], signum: int, delays: list[float]
+) -> list[tuple[JobProcess, JobRun, float]]:
+    """Run one job per database at once, send each the signal delays[i] seconds after its start.
+
+    Return each job, its run, and when the signal was sent (s since that job's start).
+    """
+    jobs = [JobProcess(s.env) for s in sleepies]
+    try:
         if signum != signal.SIGKILL:  # which nothing can catch
-            job.wait_handled(signum)
-        job.sleep_until(delay)
-        sent = job.send(signum)
-        return job, job.finish(timeout=EXIT_WITHIN_S), sent
+            for job in jobs:
+                job.wait_handled(signum)
+        sent: dict[int, float] = {}
+        for i in sorted(range(len(jobs)), key=lambda i: delays[i]):
+            jobs[i].sleep_until(delays[i])
+            sent[i] = jobs[i].send(signum)
+        return [(job, job.finish(timeout=EXIT_WITHIN_S), sent[i]) for i, job in enumerate(jobs)]
+    finally:
+        for job in jobs:
+            job.__exit__()
 
 
-def run_to_end(env: dict[str, str]) -> JobRun:
-    """Run the job undisturbed and return its run."""
-    with JobProcess(env) as job:
-        return job.finish(timeout=60)
+def run_all_to_end(sleepies: list[Sleepy]) -> list[JobRun]:
+    """Run one job per database at once, undisturbed; return their runs."""
+    jobs = [JobProcess(s.env) for s in sleepies]
+    try:
+        return [job.finish(timeout=60) for job in jobs]
+    finally:
+        for job in jobs:
+            job.__exit__()
 
 
 def event_of(line: str) -> str | None:
@@ -232,26 +261,33 @@ def sleepy_database(pg: PgServer, socket_root: Path | None, workdir: Path, name:
 
 
 @pytest.fixture(scope="module")
-def sleepy(
+def sleepies(
     pg: PgServer, socket_root: Path | None, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Sleepy]:
-    """One sleepy database for the module, with the kill window measured on an undisturbed run."""
-    target = sleepy_database(pg, socket_root, tmp_path_factory.mktemp("signals"), f"t{os.getpid()}_sleepy")
-    with JobProcess(target.env) as job:
-        run = job.finish(timeout=60)
-    assert run.code == 0, run.stdout + run.stderr
-    assert target.db.version() == [HEAD]
-    times = job.event_times()
-    last_applied = max(at for at, line in job.lines if event_of(line) == "migration.applied")
-    target.window = (0.4, last_applied + 0.1)
+) -> Iterator[list[Sleepy]]:
+    """PARALLEL sleepy databases, with the kill window measured on undisturbed runs of all at once."""
+    targets = [
+        sleepy_database(pg, socket_root, tmp_path_factory.mktemp("signals"), f"t{os.getpid()}_sleepy{n}")
+        for n in range(PARALLEL)
+    ]
+    jobs = [JobProcess(t.env) for t in targets]
+    runs = [job.finish(timeout=60) for job in jobs]
+    for target, run in zip(targets, runs, strict=True):
+        assert run.code == 0, run.stdout + run.stderr
+        assert target.db.version() == [HEAD]
+    # The window ends just past the last migration of the slowest: load from the others included.
+    last_applied = max(at for job in jobs for at, line in job.lines if event_of(line) == "migration.applied")
+    times = jobs[0].event_times()
+    for target in targets:
+        target.window = (0.4, last_applied + 0.1)
+        reset(target.db)
     print(
-        f"\nundisturbed sleepy run: run.start {times['run.start']:.2f}s, db.connected "
+        f"\n{PARALLEL} undisturbed sleepy runs at once: run.start {times['run.start']:.2f}s, db.connected "
         f"{times['db.connected']:.2f}s, last migration.applied {last_applied:.2f}s, "
-        f"exit {job.exited_after_s:.2f}s; kill window {target.window[0]:.2f}-{target.window[1]:.2f}s"
+        f"exit {max(j.exited_after_s or 0 for j in jobs):.2f}s; kill window 0.40-{last_applied + 0.1:.2f}s"
     )
-    reset(target.db)
-    yield target
-    pg.drop_database(target.db.name)
+    yield targets
+    for target in targets:
+        pg.drop_database(target.db.name)
 
 
 @pytest.fixture
@@ -351,7 +387,7 @@ def assert_server_clean(db: Database, context: str) -> None:
 
 
 def test_sigterm_at_random_moments_rolls_back_and_exits_143(
-    sleepy: Sleepy, rng: tuple[random.Random, int]
+    sleepies: list[Sleepy], rng: tuple[random.Random, int]
 ) -> None:
     """Cloud Run stops tasks with SIGTERM at any moment: every stop must be clean and quick.
 
@@ -360,29 +396,30 @@ def test_sigterm_at_random_moments_rolls_back_and_exits_143(
     finished), the running revision rolls back whole, and it leaves no session nor lock behind.
     """
     random_source, seed = rng
-    db = sleepy.db
-    reset(db)
+    for target in sleepies:
+        reset(target.db)
     tally: Counter[str] = Counter()
-    for n in range(KILLS):
-        delay = random_source.uniform(*sleepy.window)
-        context = f"seed={seed} SIGTERM #{n} at {delay:.2f}s"
-        job, run, sent = stop_at(sleepy.env, signal.SIGTERM, delay)
-        assert job.exited_after_s is not None
-        assert job.exited_after_s - sent < EXIT_WITHIN_S, context
-        assert_interrupted_cleanly(run, 143, context)
-        assert_server_clean(db, context)
-        tally[landed(job, run, sent)] += 1
-        if schema_revision(db, context) == HEAD:
-            reset(db)
+    for round_ in range(KILLS // PARALLEL):
+        delays = [random_source.uniform(*target.window) for target in sleepies]
+        stopped = stop_all_at(sleepies, signal.SIGTERM, delays)
+        for n, (target, (job, run, sent)) in enumerate(zip(sleepies, stopped, strict=True)):
+            context = f"seed={seed} SIGTERM #{round_ * PARALLEL + n} at {delays[n]:.2f}s"
+            assert job.exited_after_s is not None
+            assert job.exited_after_s - sent < EXIT_WITHIN_S, context
+            assert_interrupted_cleanly(run, 143, context)
+            assert_server_clean(target.db, context)
+            tally[landed(job, run, sent)] += 1
+            if schema_revision(target.db, context) == HEAD:
+                reset(target.db)
     print(f"\nSIGTERM seed={seed}: {dict(tally)}")
     assert tally["while migrating"] >= 1, f"seed={seed}: no SIGTERM landed in a migration: {dict(tally)}"
-    final = run_to_end(sleepy.env)
-    assert final.code == 0, f"seed={seed}\n{final.stdout}{final.stderr}"
-    assert schema_revision(db, f"seed={seed} final run") == HEAD
+    for target, final in zip(sleepies, run_all_to_end(sleepies), strict=True):
+        assert final.code == 0, f"seed={seed}\n{final.stdout}{final.stderr}"
+        assert schema_revision(target.db, f"seed={seed} final run") == HEAD
 
 
 def test_sigkill_at_random_moments_leaves_the_schema_at_a_revision(
-    sleepy: Sleepy, rng: tuple[random.Random, int]
+    sleepies: list[Sleepy], rng: tuple[random.Random, int]
 ) -> None:
     """SIGKILL (Cloud Run's end of the grace period, an OOM kill) gives the job no chance at all.
 
@@ -391,34 +428,40 @@ def test_sigkill_at_random_moments_leaves_the_schema_at_a_revision(
     exactly the revision alembic_version names; and the next execution must finish the work.
     """
     random_source, seed = rng
-    db = sleepy.db
-    reset(db)
+    for target in sleepies:
+        reset(target.db)
     tally: Counter[str] = Counter()
-    for n in range(KILLS):
-        delay = random_source.uniform(*sleepy.window)
-        context = f"seed={seed} SIGKILL #{n} at {delay:.2f}s"
-        job, run, sent = stop_at(sleepy.env, signal.SIGKILL, delay)
-        assert run.code in (-signal.SIGKILL, 0), f"{context}\n{run.stdout}{run.stderr}"
-        left = wait_no_job_session(db, BACKEND_GONE_WITHIN_S)
-        assert left == [], f"{context}: the killed job's backend is still there: {left}"
-        locks = advisory_locks(db)
-        assert locks == [], f"{context}: advisory locks left: {locks}"
-        at = schema_revision(db, context)
-        tally[landed(job, run, sent)] += 1
-        if n % 7 == 6 or n == KILLS - 1:
-            # The next execution finishes the work (done every few kills to keep the test short).
-            after = run_to_end(sleepy.env)
-            assert after.code == 0, f"{context}: next run failed\n{after.stdout}{after.stderr}"
-            at = schema_revision(db, f"{context}, next run")
-            assert at == HEAD, context
-        if at == HEAD:
-            reset(db)
+    rounds = KILLS // PARALLEL
+    for round_ in range(rounds):
+        delays = [random_source.uniform(*target.window) for target in sleepies]
+        stopped = stop_all_at(sleepies, signal.SIGKILL, delays)
+        at: dict[str, str | None] = {}
+        for n, (target, (job, run, sent)) in enumerate(zip(sleepies, stopped, strict=True)):
+            context = f"seed={seed} SIGKILL #{round_ * PARALLEL + n} at {delays[n]:.2f}s"
+            assert run.code in (-signal.SIGKILL, 0), f"{context}\n{run.stdout}{run.stderr}"
+            left = wait_no_job_session(target.db, BACKEND_GONE_WITHIN_S)
+            assert left == [], f"{context}: the killed job's backend is still there: {left}"
+            locks = advisory_locks(target.db)
+            assert locks == [], f"{context}: advisory locks left: {locks}"
+            at[target.db.name] = schema_revision(target.db, context)
+            tally[landed(job, run, sent)] += 1
+        if round_ % 3 == 1 or round_ == rounds - 1:
+            # The next execution finishes the work (every few rounds, to keep the test short).
+            for target, after in zip(sleepies, run_all_to_end(sleepies), strict=True):
+                context = f"seed={seed} SIGKILL round {round_}, next run on {target.db.name}"
+                assert after.code == 0, f"{context}\n{after.stdout}{after.stderr}"
+                at[target.db.name] = schema_revision(target.db, context)
+                assert at[target.db.name] == HEAD, context
+        for target in sleepies:
+            if at[target.db.name] == HEAD:
+                reset(target.db)
     print(f"\nSIGKILL seed={seed}: {dict(tally)}")
     assert tally["while migrating"] >= 1, f"seed={seed}: no SIGKILL landed in a migration: {dict(tally)}"
 
 
-def test_sigint_during_a_migration_exits_130(sleepy: Sleepy) -> None:
+def test_sigint_during_a_migration_exits_130(sleepies: list[Sleepy]) -> None:
     """Ctrl-C on a local run stops it like SIGTERM does, with the shell's code for SIGINT (130)."""
+    sleepy = sleepies[0]
     db = sleepy.db
     reset(db)
     with JobProcess(sleepy.env) as job:
