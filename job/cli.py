@@ -46,7 +46,7 @@ EXIT_CODES: dict[type[MigrateJobError], int] = {
 # Failures whose stack trace helps: a bug in the job, or a migration that raised.
 TRACED = {1, 7}
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-OFFLINE_COMMANDS = {"heads", "history", "revision", "lint", "new-service", "verify"}
+OFFLINE_COMMANDS = {"heads", "history", "show", "revision", "merge", "lint", "new-service", "verify"}
 
 DESCRIPTION = """\
 Upgrade every database of an environment manifest with its service's Alembic migrations.
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_guardrails(sub: argparse._SubParsersAction[Any], selectors: argparse.ArgumentParser) -> None:
-    """Add the commands that check migration authors' work: check, lint, new-service."""
+    """Add the commands for migration authors: check, lint, show, merge, reset, new-service."""
     chk = sub.add_parser(
         "check", parents=[selectors], help="compare models.py with a database at head (exit 8 on drift)"
     )
@@ -162,6 +162,20 @@ def _add_guardrails(sub: argparse._SubParsersAction[Any], selectors: argparse.Ar
         default="warning",
         help="fail on findings at or above this level (default: warning, i.e. every finding)",
     )
+    show = sub.add_parser(
+        "show", parents=[selectors], help="show one revision: parents, file, docstring, its SQL (no database)"
+    )
+    show.add_argument("revision", metavar="REV", help="a revision id (or unique prefix), head or base")
+    mrg = sub.add_parser(
+        "merge", parents=[selectors], help="write a revision merging one --service's heads (local authoring)"
+    )
+    mrg.add_argument("-m", "--message", default="merge heads", help="what the merge revision says")
+    rst = sub.add_parser(
+        "reset",
+        parents=[selectors],
+        help="drop, recreate and upgrade each selected database (development only; needs --yes)",
+    )
+    rst.add_argument("--yes", action="store_true", help="confirm: every selected database loses its data")
     new = sub.add_parser(
         "new-service", help="write services/NAME/ from the blessed template (local authoring)"
     )
@@ -343,6 +357,9 @@ def _command(args: argparse.Namespace) -> Callable[[Run], Awaitable[None] | None
             run, args.message, autogenerate=args.autogenerate, scratch=args.scratch
         ),
         "new-service": lambda run: commands.new_service(run, args.name),
+        "show": lambda run: commands.show(run, args.revision),
+        "merge": lambda run: commands.merge(run, args.message),
+        "reset": lambda run: commands.reset(run, yes=args.yes),
     }
     return table[args.command]
 

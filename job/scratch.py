@@ -50,7 +50,12 @@ async def scratch_target(
         await recreate(admin, name, create=False)
 
 
-async def recreate(admin: Any, name: str, *, create: bool) -> None:
+SCRATCH_HINT = "verify needs a URL whose role may CREATE DATABASE (a throwaway server is best)"
+
+
+async def recreate(
+    admin: Any, name: str, *, create: bool, hint: str = SCRATCH_HINT, what: str = "scratch"
+) -> None:
     """Drop a database if it exists and, with create, create it empty (autocommit, as required)."""
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -64,8 +69,8 @@ async def recreate(admin: Any, name: str, *, create: bool) -> None:
                 await connection.execute(text(f'CREATE DATABASE "{name}"'))
     except SQLAlchemyError as exc:
         raise ConfigError(
-            f"cannot {'create' if create else 'drop'} scratch database {name}: {db.describe(exc)}",
-            hint="verify needs a URL whose role may CREATE DATABASE (a throwaway server is best)",
+            f"cannot {'create' if create else 'drop'} {what} database {name}: {db.describe(exc)}",
+            hint=hint,
         ) from None
     finally:
         await engine.dispose()

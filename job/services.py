@@ -68,7 +68,7 @@ class Service:
         if len(heads) > 1:
             raise HistoryError(
                 f"service {self.name} has {len(heads)} heads: {', '.join(sorted(heads))}",
-                hint=f"add a merge revision: alembic -c {self.ini} merge heads -m 'merge'",
+                hint=f"add a merge revision: migrate-job merge --service {self.name} -m 'merge'",
                 service=self.name,
             )
         return heads[0] if heads else None

@@ -1,4 +1,4 @@
-"""Commands that help migration authors on a workstation: revision and new-service (refused on Cloud Run)."""
+"""Commands that help migration authors: show a revision; revision, merge, new-service (not on Cloud Run)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from job import logs
 from job.errors import ConfigError
-from job.executor import Execution, execute
+from job.executor import Execution, execute, offline_target
 from job.plan import as_tuple
 from job.run import Run, close
 from job.scratch import admin_url, scratch_target
@@ -96,4 +96,83 @@ def new_service(run: Run, name: str) -> None:
         f"--service {name}, and add the service's databases to the manifests",
         service=name,
         path=str(path),
+    )
+
+
+def show(run: Run, revision: str) -> None:
+    """Report a revision in full (parents, children, file, docstring, the SQL it runs); no database."""
+    from alembic.util import CommandError
+
+    found = False
+    for service in run.selected_services:
+        try:
+            scripts = [s for s in service.script.get_revisions(revision) if s is not None]
+        except (CommandError, KeyError, ValueError):
+            continue
+        for script in scripts:
+            found = True
+            _show_one(service, script)
+    if not found:
+        names = ", ".join(s.name for s in run.selected_services)
+        raise ConfigError(
+            f"revision {revision} is not in the history of {names}",
+            hint="name a revision (or a unique prefix, head, base) as migrate-job history shows it",
+            revision=revision,
+        )
+
+
+def _show_one(service: Service, script: Any) -> None:
+    """Log one revision script in full, with the offline SQL of its upgrade."""
+    from job import lint
+
+    chunks = lint.render_revisions(service, offline_target(service), None, script.revision)
+    path = Path(script.path)
+    parents = list(as_tuple(script.down_revision))
+    logs.event(
+        "revision.shown",
+        f"{service.name}: {script.revision}{' (head)' if script.is_head else ''}, "
+        f"{(script.doc or '').strip()}; parents {', '.join(parents) or 'base'}",
+        service=service.name,
+        revision=script.revision,
+        down_revision=parents,
+        next_revisions=sorted(script.nextrev),
+        is_head=script.is_head,
+        is_merge=script.is_merge_point,
+        is_branch_point=script.is_branch_point,
+        branch_labels=sorted(script.branch_labels),
+        description=(script.doc or "").strip(),
+        longdoc=script.longdoc.strip(),
+        path=str(path.relative_to(service.path) if path.is_relative_to(service.path) else path),
+        sql=next((c.sql for c in chunks if c.revision == script.revision), ""),
+    )
+
+
+def merge(run: Run, message: str) -> None:
+    """Write a revision that merges one service's heads into one (local authoring; not on Cloud Run)."""
+    import argparse
+
+    from alembic import command
+
+    local_only(run, "merge", "merge heads on a workstation, review the revision, and ship it in the image")
+    service = one_service(run, "merge")
+    heads = service.script.get_heads()
+    if len(heads) < 2:
+        raise ConfigError(
+            f"service {service.name} has {len(heads)} head(s): nothing to merge",
+            hint="merge is for a history with several heads (migrate-job heads shows them)",
+            service=service.name,
+        )
+    config = service.config()
+    config.cmd_opts = argparse.Namespace(quiet=True, x=None)  # stdout carries JSON lines only
+    created = command.merge(config, "heads", message=message)
+    assert created is not None
+    logs.event(
+        "revision.created",
+        f"{service.name}: wrote {Path(created.path).name}, merging {', '.join(sorted(heads))}; "
+        "review it before committing",
+        service=service.name,
+        revision=created.revision,
+        down_revision=list(as_tuple(created.down_revision)),
+        path=str(created.path),
+        merge=True,
     )

@@ -39,6 +39,40 @@ async def stamp(run: Run, revision: str, *, yes: bool = False) -> None:
     await _change(run, revision, "stamp")
 
 
+async def reset(run: Run, *, yes: bool = False) -> None:
+    """Drop and recreate each selected database, then upgrade it to head (development only)."""
+    from job.scratch import recreate
+
+    if run.cloud_run.job:
+        raise ConfigError(
+            "reset drops databases and is refused on Cloud Run",
+            hint="reset is for a development database on a workstation; roll forward everywhere else",
+        )
+    if not run.manifest.allow_downgrade:
+        raise ConfigError(
+            f"manifest {run.manifest.path} sets allow_downgrade = false: reset, which drops the "
+            "databases, is refused here",
+            hint="reset is for development environments, whose manifests allow downgrades",
+        )
+    confirm(yes, "reset drops and recreates every selected database: all their data is lost")
+    done: set[tuple[str, str]] = set()
+    for target in run.preflight():
+        # Two services may share a database: it is dropped once, then both histories upgrade it.
+        if (target.entry.location, target.database) in done:
+            continue
+        done.add((target.entry.location, target.database))
+        await recreate(
+            target.url.set(database=target.entry.discover_database),
+            target.database,
+            create=True,
+            what="the",
+            hint=f"reset connects to {target.entry.discover_database} on the same server as "
+            f"{target.entry.user or 'the login'}, which must own the database and have CREATEDB",
+        )
+        logs.event("db.reset", f"dropped and recreated {target.entry.label}", **target.fields())
+    await _change(run, "head", "up")
+
+
 async def _change(run: Run, destination: str, direction: Direction, *, allow_ahead: bool = False) -> None:
     """Check every selected database, then move each in manifest order, stopping at a failure."""
     from job.workers import pool_for

@@ -6,11 +6,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from job import db, logs
+from job import logs
 from job.errors import LintFindings
-from job.executor import Execution, render_sql
+from job.executor import Execution, offline_target, render_sql
 from job.inspection import inspect_all
-from job.manifest import DatabaseEntry
 from job.plan import resolve_revision
 from job.report import DatabaseResult
 from job.run import Run
@@ -72,8 +71,6 @@ async def lint(run: Run, *, start: str | None = None, to: str = "head", fail_on:
 
     Needs no database: the SQL is rendered from start (default base) to ``to``.
     """
-    from sqlalchemy.engine import URL
-
     from job import lint as linting
 
     squawk = linting.find_squawk()
@@ -82,8 +79,7 @@ async def lint(run: Run, *, start: str | None = None, to: str = "head", fail_on:
         service.head()
         if start not in (None, "base"):
             resolve_revision(service, str(start))
-        entry = DatabaseEntry(service=service.name, database="lint", url="offline")
-        target = db.Target(entry, URL.create(db.DRIVER, database="lint"))
+        target = offline_target(service)
         for chunk in linting.lint_service(service, target, start=start, to=to, squawk=squawk):
             _log_findings(chunk)
             bad = linting.failing(chunk.findings, fail_on)
