@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from job import db, logs
 from job.errors import DriftFound, PendingMigrations, RoundTripFailed
 from job.executor import Execution, execute
-from job.plan import Direction, compute_plan
+from job.plan import Direction, Step, compute_plan
 from job.report import DatabaseResult, elapsed_ms
 from job.run import Run, close
 from job.scratch import admin_url, scratch_target
@@ -86,23 +86,23 @@ async def _round_trip(run: Run, service: Service, target: db.Target, result: Dat
             await walker.move(step.revision, "up")
             after = await walker.catalog()
             await walker.move(step.revision, "revert")
-            if await walker.catalog() != before:
-                raise RoundTripFailed(
-                    f"service {service.name}: the downgrade of {step.revision} ({step.message}) "
-                    "does not restore the schema it started from",
-                    hint="make downgrade() drop exactly what upgrade() creates (indexes, types too)",
-                    service=service.name,
-                    revision=step.revision,
-                )
+            _same(
+                await walker.catalog() == before,
+                service,
+                step,
+                f"the downgrade of {step.revision} ({step.message}) does not restore the schema it "
+                "started from",
+                "make downgrade() drop exactly what upgrade() creates (indexes, types too)",
+            )
             await walker.move(step.revision, "up")
-            if await walker.catalog() != after:
-                raise RoundTripFailed(
-                    f"service {service.name}: {step.revision} ({step.message}) gives a different "
-                    "schema when applied again after its downgrade",
-                    hint="downgrade() leaves something behind that upgrade() then works around",
-                    service=service.name,
-                    revision=step.revision,
-                )
+            _same(
+                await walker.catalog() == after,
+                service,
+                step,
+                f"{step.revision} ({step.message}) gives a different schema when applied again after "
+                "its downgrade",
+                "downgrade() leaves something behind that upgrade() then works around",
+            )
             before = after
             result.applied.append(step.revision)
             logs.event(
@@ -118,6 +118,14 @@ async def _round_trip(run: Run, service: Service, target: db.Target, result: Dat
     finally:
         await close(engine, connection)
         result.duration_ms = elapsed_ms(started)
+
+
+def _same(same: bool, service: Service, step: Step, problem: str, hint: str) -> None:
+    """Raise RoundTripFailed naming the revision unless the schema came out the same."""
+    if not same:
+        raise RoundTripFailed(
+            f"service {service.name}: {problem}", hint=hint, service=service.name, revision=step.revision
+        )
 
 
 async def check(run: Run, scratch: str | None = None) -> None:
