@@ -83,6 +83,9 @@ class Execution:
         for shown, step in zip(plan.steps, plan.alembic_steps, strict=True):
             self.running = shown
             started = time.monotonic()
+            # Lines a migration logs itself (job.ops's backfill.progress) say which revision;
+            # the scope _run_env opened ends with env.py.
+            logs.also(revision=shown.revision)
             yield step
             self.running = None
             self.applied.append(shown)
@@ -173,6 +176,7 @@ def _run_env(connection: Connection | None, execution: Execution) -> None:
     with (
         _environment(DATABASE_URL=url),
         _job_owns_logging(),
+        logs.scoped(**execution.target.fields()),
         EnvironmentContext(config, service.script, fn=execution, dont_mutate=not execution.apply),
     ):
         service.script.run_env()
