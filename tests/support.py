@@ -100,6 +100,29 @@ def run_job(*args: str, env: dict[str, str], timeout: float = 120) -> JobRun:
     return JobRun(proc.returncode, proc.stdout, proc.stderr)
 
 
+def run_script(dsn: str, sql: str) -> None:
+    """Run a rendered SQL script statement by statement on one session, as ``psql -f`` does.
+
+    Sent as one query, a script runs in one implicit transaction, where CREATE INDEX CONCURRENTLY
+    and a DO block that commits cannot run.
+    """
+    import asyncio
+
+    import asyncpg
+
+    from job.lint import statements
+
+    async def run() -> None:
+        connection = await asyncpg.connect(dsn)
+        try:
+            for _, _, statement in statements(sql):
+                await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
+
+
 # Set by conftest for the session: every child process's output is appended here.
 OUTPUT_LOG: Path | None = None
 

@@ -28,11 +28,11 @@ import asyncpg
 from sqlalchemy.engine import URL
 
 from job import db
-from job.lint import render_revisions, split_revisions, statements
+from job.lint import render_revisions, split_revisions
 from job.manifest import DatabaseEntry
 from job.services import discover
 from tests.conftest import Database
-from tests.support import FIXTURES, PROJECT, REPO, JobRun, record_output, run_job, write_manifest
+from tests.support import FIXTURES, PROJECT, REPO, JobRun, record_output, run_job, run_script, write_manifest
 
 SERVICES_DIR = FIXTURES / "zero_downtime"
 LEDGER = [f"ledger00000{n}" for n in range(1, 9)]
@@ -89,23 +89,13 @@ def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coroutine)
 
 
-async def execute(dsn: str, sql: str) -> None:
-    """Run SQL statement by statement on its own connection, as psql -f would."""
-    connection = await asyncpg.connect(dsn)
-    try:
-        for _, _, statement in statements(sql):
-            await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
 def seed(database: Database, rows: int, *, skip_triggers: bool = False) -> None:
     """Fill accounts and payments (with triggers off when asked: rows as an older release wrote them)."""
     sql = f"INSERT INTO accounts (name) SELECT 'account-' || n FROM generate_series(1, {ACCOUNTS}) AS n;\n"
     sql += SEED_PAYMENTS.format(accounts=ACCOUNTS, rows=rows).strip() + ";\n"
     if skip_triggers:
         sql = "SET session_replication_role = replica;\n" + sql
-    run(execute(database.pg.admin_dsn(database.name), sql))
+    run_script(database.pg.admin_dsn(database.name), sql)
 
 
 class StreamedJob:
@@ -301,9 +291,9 @@ def plain_recipe(make_database: Callable[..., Database]) -> dict[str, Any]:
     """Return the catalog that the plain, blocking SQL of the recipes leaves (the reference result)."""
     database = make_database("ledger")
     dsn = database.pg.admin_dsn(database.name)
-    run(execute(dsn, offline_sql(None, LEDGER[0])))
+    run_script(dsn, offline_sql(None, LEDGER[0]))
     seed(database, 10)
-    run(execute(dsn, PLAIN_RECIPE))
+    run_script(dsn, PLAIN_RECIPE)
     return snapshot(database)
 
 
@@ -483,7 +473,7 @@ def test_a_killed_backfill_resumes_and_updates_every_row_once(
     # The first batch (1000 rows) and the one in flight when the job is killed (500) leave some.
     rows = 1800
     seed(database, rows, skip_triggers=True)  # written before the expand: amount_cents is NULL
-    run(execute(database.pg.admin_dsn(database.name), COUNT_JOB_UPDATES))
+    run_script(database.pg.admin_dsn(database.name), COUNT_JOB_UPDATES)
 
     job = StreamedJob(env, "upgrade", "--to", LEDGER[6])
     first_progress = job.wait_for("backfill.progress")
@@ -555,12 +545,12 @@ def test_offline_sql_is_plain_reruns_cleanly_and_lints_clean(
 
     dsn = database.pg.admin_dsn(database.name)
     chunks = dict(split_revisions(sql))
-    run(execute(dsn, chunks[LEDGER[0]]))
+    run_script(dsn, chunks[LEDGER[0]])
     seed(database, 2500)
     for revision in LEDGER[1:]:
-        run(execute(dsn, chunks[revision]))
+        run_script(dsn, chunks[revision])
         if revision in RERUNNABLE:
-            run(execute(dsn, chunks[revision]))  # as after a crash before its end was recorded
+            run_script(dsn, chunks[revision])  # as after a crash before its end was recorded
     assert database.version() == [LEDGER[-1]]
     assert snapshot(database) == plain_recipe(make_database)
     assert_data_complete(database)
