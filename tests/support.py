@@ -18,7 +18,7 @@ PROJECT = "fusion-prime-test"
 PASSWORD = "p@ss:/#?%<>&()' w0rd"
 # Every test password, so that a test can prove none of them reaches any output.
 ALL_PASSWORDS = (PASSWORD, "wr0ng:/#?%<>&()' pass")
-HEADS = {"settlement": "b277be36eb38", "risk-engine": "9da4646821fb", "compliance": "ac845c92cc2a"}
+HEADS = {"settlement": "b277be36eb38", "risk-engine": "9da4646821fb", "compliance": "3ae732a7860c"}
 TABLES = {
     "settlement": {"settlement_commands", "webhook_subscriptions", "escrows"},
     "risk-engine": {"escrows"},
