@@ -444,6 +444,51 @@ def index_state(database: Database) -> list[dict[str, Any]]:
     )
 
 
+def test_an_index_build_that_waits_past_lock_timeout_is_retried_and_built(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """A transaction older than the build makes CREATE INDEX CONCURRENTLY wait; lock_timeout ends that.
+
+    The helper keeps lock_timeout for the build: waiting blocks no application query, but a
+    build that waits forever would hang the job. The job retries the revision, as for any lock
+    timeout, and the retry drops the INVALID index the timed-out build left and builds it again.
+    """
+    database = make_database("ledger")
+    env = environment(job_env, tmp_path, database, lock_timeout_s=LOCK_TIMEOUT_S)
+    run_script(
+        database.pg.admin_dsn(database.name), f'SET ROLE "{database.role}";\n' + offline_sql(None, LEDGER[0])
+    )
+
+    async def scenario() -> tuple[JobRun, int]:
+        blocker = await asyncpg.connect(database.pg.admin_dsn(database.name))
+        try:
+            # A report's snapshot: the build must wait for it before its index may be used.
+            transaction = blocker.transaction(isolation="repeatable_read")
+            await transaction.start()
+            await blocker.fetchval("SELECT count(*) FROM payments")
+            job = StreamedJob(env, "upgrade", "--to", LEDGER[1])
+            await asyncio.to_thread(job.wait_for, "migration.lock_timeout")
+            await transaction.commit()
+            return await asyncio.to_thread(job.finish), blocker.get_server_pid()
+        finally:
+            await blocker.close()
+
+    retried, blocker_pid = run(scenario())
+
+    assert retried.code == 0, retried.stdout
+    (timeout,) = retried.events("migration.lock_timeout")
+    assert timeout["revision"] == LEDGER[1] and blocker_pid in [b["pid"] for b in timeout["blockers"]]
+    (dropped,) = retried.events("ops.invalid_index_dropped")
+    assert dropped["index"] == "ix_payments_account_id_created_at"
+    assert database.version() == [LEDGER[1]]
+    indexes = database.pg.fetch(
+        "SELECT indexrelid::regclass::text AS name, indisvalid FROM pg_index "
+        "WHERE indrelid = 'payments'::regclass AND NOT indisprimary",
+        database=database.name,
+    )
+    assert indexes == [{"name": "ix_payments_account_id_created_at", "indisvalid": True}]
+
+
 COUNT_JOB_UPDATES = """
 ALTER TABLE payments ADD COLUMN job_updates integer NOT NULL DEFAULT 0;
 CREATE FUNCTION count_job_updates() RETURNS trigger LANGUAGE plpgsql AS $$
