@@ -82,6 +82,9 @@ class Execution:
         for shown, step in zip(plan.steps, plan.alembic_steps, strict=True):
             self.running = shown
             started = time.monotonic()
+            # Lines a migration logs itself (job.ops's backfill.progress) say which revision;
+            # the scope _run_env opened ends with env.py.
+            logs.also(revision=shown.revision)
             yield step
             self.running = None
             self.applied.append(shown)
@@ -172,6 +175,7 @@ def _run_env(connection: Connection | None, execution: Execution) -> None:
     with (
         _environment(DATABASE_URL=url),
         _job_owns_logging(),
+        logs.scoped(**execution.target.fields()),
         EnvironmentContext(config, service.script, fn=execution, dont_mutate=not execution.apply),
     ):
         service.script.run_env()
@@ -265,7 +269,23 @@ def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
             database=target.database,
         )
     step = execution.running
-    if _outside_transaction(execution.service, step.revision):
+    outside = _outside_transaction(execution.service, step.revision)
+    if outside == "job.ops":
+        # The helpers commit their steps as they go and check the catalog before each: running
+        # the revision again picks up where it stopped, so a lock timeout stays retryable.
+        return MigrationFailed(
+            f"migration {step.revision} ({step.message}) failed on database {target.database} of "
+            f"service {target.service}: {reason}; its transaction rolled back, and any step its job.ops "
+            "helpers committed on their own stays",
+            hint=f"the database stays at {stays}; fix the cause and run again: the job.ops helpers pick up "
+            "where they stopped (an INVALID index left by a killed build is dropped and built again)",
+            service=target.service,
+            database=target.database,
+            revision=step.revision,
+            at_revision=stays,
+            sqlstate=sqlstate(exc),
+        )
+    if outside == "autocommit_block":
         # Work done in autocommit_block() is not undone: a failed CREATE INDEX CONCURRENTLY
         # leaves an INVALID index, and running the revision again would fail on it.
         return MigrationFailed(
@@ -293,15 +313,24 @@ def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
     )
 
 
-def _outside_transaction(service: Service, revision: str) -> bool:
-    """Return True if the revision runs statements outside its transaction (autocommit_block)."""
+def _outside_transaction(service: Service, revision: str) -> str | None:
+    """Return how the revision runs statements outside its transaction, if it does.
+
+    ``autocommit_block`` (its own, which a rerun may trip over), ``job.ops`` (helpers that are
+    safe to run again), or None.
+    """
     script = service.script.get_revision(revision)
     if script is None:
-        return False
+        return None
     try:
-        return "autocommit_block" in Path(script.path).read_text(encoding="utf-8")
+        text = Path(script.path).read_text(encoding="utf-8")
     except OSError:
-        return False
+        return None
+    if "autocommit_block" in text:
+        return "autocommit_block"
+    if "job.ops" in text or "from job import ops" in text:
+        return "job.ops"
+    return None
 
 
 def _reason(exc: BaseException) -> str:

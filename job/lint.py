@@ -37,6 +37,36 @@ HANDLED_BY_JOB: dict[str, str] = {
     "require-statement-timeout": "the job sets statement_timeout on every connection "
     "(manifest statement_timeout_s)",
 }
+# Rules whose risky statement a job.ops helper does safely: the finding's help names the helper.
+HELPERS: dict[str, str] = {
+    "require-concurrent-index-creation": "job.ops.create_index_concurrently(index_name, table_name, "
+    "columns) builds it CONCURRENTLY outside the revision's transaction and rebuilds an INVALID "
+    "index a killed build left",
+    "ban-concurrent-index-creation-in-transaction": "job.ops.create_index_concurrently leaves the "
+    "revision's transaction for the build",
+    "require-concurrent-index-deletion": "job.ops.drop_index_concurrently(index_name)",
+    "adding-not-nullable-field": "job.ops.add_not_null(table, column) then job.ops.validate_not_null("
+    "table, column): CHECK NOT VALID, VALIDATE, SET NOT NULL without a scan, drop the check",
+    "adding-required-field": "add the column nullable, fill it (job.ops.add_column_with_default for a "
+    "default, or job.ops.backfill), then job.ops.add_not_null + job.ops.validate_not_null",
+    "adding-foreign-key-constraint": "job.ops.add_foreign_key_not_valid(...) then "
+    "job.ops.validate_constraint(table, name)",
+    "constraint-missing-not-valid": "job.ops.add_foreign_key_not_valid + job.ops.validate_constraint for "
+    "a foreign key, job.ops.add_not_null + job.ops.validate_not_null for NOT NULL; for another CHECK, "
+    "op.create_check_constraint(..., postgresql_not_valid=True) then job.ops.validate_constraint in a "
+    "later revision",
+    "adding-field-with-default": "job.ops.add_column_with_default(table, column, default_sql): add it "
+    "without default, set the default, backfill in batches, NOT NULL the safe way",
+    "disallowed-unique-constraint": "job.ops.create_index_concurrently(..., unique=True), then "
+    "ALTER TABLE ... ADD CONSTRAINT ... UNIQUE USING INDEX in a later revision",
+    "changing-column-type": "expand and contract over two releases: a new column kept in step by a "
+    "trigger, job.ops.backfill, then drop the old one (README: Zero-downtime recipes)",
+    "renaming-column": "expand and contract over two releases: a new column kept in step by a "
+    "trigger, job.ops.backfill, then drop the old one (README: Zero-downtime recipes)",
+    "prefer-robust-stmts": "in a revision this statement runs outside the transaction that moves the "
+    "version table (after an autocommit block or a job.ops helper that leaves the transaction): "
+    "put the job.ops helpers first in the revision, or in a revision of their own",
+}
 NO_REASON = "lint-ignore-without-reason"
 EXEMPTION = re.compile(r"#\s*migrate-job:\s*lint-ignore\b(?P<rest>.*)$")
 RUNNING = re.compile(r"^-- Running upgrade .*-> (?P<revision>\S+)\s*$")
@@ -264,7 +294,7 @@ def judge(chunk: RevisionSQL, violations: list[dict[str, Any]]) -> list[Finding]
                 rule,
                 str(violation.get("level") or "warning").lower(),
                 str(violation.get("message") or ""),
-                violation.get("help"),
+                finding_help(rule, violation.get("help")),
                 statement,
                 chunk.path,
                 reasons.get(rule),
@@ -272,6 +302,14 @@ def judge(chunk: RevisionSQL, violations: list[dict[str, Any]]) -> list[Finding]
         )
     chunk.findings = findings
     return findings
+
+
+def finding_help(rule: str, squawk_help: str | None) -> str | None:
+    """Return squawk's help, followed by the job.ops helper that does the change safely, if one does."""
+    helper = HELPERS.get(rule)
+    if helper is None:
+        return squawk_help
+    return f"{squawk_help} With migrate-job: {helper}." if squawk_help else f"With migrate-job: {helper}."
 
 
 def lint_service(

@@ -6,18 +6,29 @@ Every line carries a stable dotted ``event`` name and context fields. Secret val
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import sys
 import time
 import traceback
+import types
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
 LOGGER_NAME = "migrate_job"
+# The migration helpers (job.ops) log progress events at INFO through this logger.
+OPS_LOGGER_NAME = "job.ops"
 _logger = logging.getLogger(LOGGER_NAME)
 _context: dict[str, Any] = {}
+# Fields of what runs now (the database and revision a migration's own lines belong to): a
+# ContextVar, so that databases inspected side by side in one event loop keep theirs apart.
+_scope: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "migrate_job_log_scope", default=types.MappingProxyType({})
+)
+_in_scope: contextvars.ContextVar[bool] = contextvars.ContextVar("migrate_job_in_log_scope", default=False)
 _secrets: set[str] = set()
 _setup: tuple[str, dict[str, str]] = ("json", {})
 MASK = "***"
@@ -65,6 +76,27 @@ def bind(**fields: Any) -> None:
     _context.update({k: v for k, v in fields.items() if v is not None})
 
 
+@contextlib.contextmanager
+def scoped(**fields: Any) -> Iterator[None]:
+    """Add fields to every line written inside the block (a migration's database), in this task only."""
+    token = _scope.set({**_scope.get(), **{k: v for k, v in fields.items() if v is not None}})
+    inside = _in_scope.set(True)
+    try:
+        yield
+    finally:
+        _in_scope.reset(inside)
+        _scope.reset(token)
+
+
+def also(**fields: Any) -> None:
+    """Add fields to the enclosing scoped() block's lines from here on; nothing outside such a block.
+
+    (Rendering SQL offline runs the same steps with no scope around them: nothing may stick.)
+    """
+    if _in_scope.get():
+        _scope.set({**_scope.get(), **{k: v for k, v in fields.items() if v is not None}})
+
+
 def event(
     name: str,
     message: str,
@@ -74,7 +106,7 @@ def event(
     **fields: Any,
 ) -> None:
     """Write one log line: ``event`` name, a sentence for people, and context fields."""
-    payload: dict[str, Any] = {"event": name, **_context}
+    payload: dict[str, Any] = {"event": name, **_context, **_scope.get()}
     payload.update({k: v for k, v in fields.items() if v is not None})
     if exc is not None:
         # Cloud Error Reporting reads a stack trace from this field; the message stays a sentence.
@@ -163,6 +195,7 @@ def setup(fmt: str, *, labels: Mapping[str, str] | None = None, stream: TextIO |
     # Libraries (alembic, sqlalchemy, a migration's own logger) speak up only for warnings.
     root.setLevel(logging.WARNING)
     _logger.setLevel(logging.INFO)
+    logging.getLogger(OPS_LOGGER_NAME).setLevel(logging.INFO)
     logging.captureWarnings(True)
     global _setup
     _setup = (fmt, dict(labels or {}))
@@ -170,11 +203,17 @@ def setup(fmt: str, *, labels: Mapping[str, str] | None = None, stream: TextIO |
 
 
 class _LibraryEvent(logging.Filter):
-    """Give a library's own log record an event name, so every line has one."""
+    """Give a library's own log record an event name and the run's context, so every line has them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Attach ``event=library.log`` and the logger name to records that lack an event."""
+        """Attach ``event=library.log`` to records that lack an event; keep an event a library gave.
+
+        A record that names its event in ``json_fields`` (job.ops's ``backfill.progress``) keeps it,
+        with the run's context added as on the job's own lines.
+        """
         fields = getattr(record, "json_fields", None)
         if not fields or "event" not in fields:
-            record.json_fields = {"event": "library.log", "logger": record.name, **_context}
+            record.json_fields = {"event": "library.log", "logger": record.name, **_context, **_scope.get()}
+        elif record.name != LOGGER_NAME:
+            record.json_fields = {"event": fields["event"], **_context, **_scope.get(), **fields}
         return True

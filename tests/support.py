@@ -22,7 +22,7 @@ PROJECT = "fusion-prime-test"
 PASSWORD = "p@ss:/#?%<>&()' w0rd"
 # Every test password, so that a test can prove none of them reaches any output.
 ALL_PASSWORDS = (PASSWORD, "wr0ng:/#?%<>&()' pass")
-HEADS = {"settlement": "b277be36eb38", "risk-engine": "9da4646821fb", "compliance": "ac845c92cc2a"}
+HEADS = {"settlement": "b277be36eb38", "risk-engine": "9da4646821fb", "compliance": "3ae732a7860c"}
 TABLES = {
     "settlement": {"settlement_commands", "webhook_subscriptions", "escrows"},
     "risk-engine": {"escrows"},
@@ -143,6 +143,29 @@ def run_job(*args: str, env: dict[str, str], timeout: float = 120, cold: bool = 
         raise
     record_output(stdout + stderr)
     return JobRun(proc.returncode, stdout, stderr)
+
+
+def run_script(dsn: str, sql: str) -> None:
+    """Run a rendered SQL script statement by statement on one session, as ``psql -f`` does.
+
+    Sent as one query, a script runs in one implicit transaction, where CREATE INDEX CONCURRENTLY
+    and a DO block that commits cannot run.
+    """
+    import asyncio
+
+    import asyncpg
+
+    from job.lint import statements
+
+    async def run() -> None:
+        connection = await asyncpg.connect(dsn)
+        try:
+            for _, _, statement in statements(sql):
+                await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
 
 
 # Set by conftest for the session: every child process's output is appended here.

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import Database
-from tests.support import HEADS, run_job, write_manifest
+from tests.support import HEADS, run_job, run_script, write_manifest
 
 
 def test_current_reports_revision_and_head_without_writing(
@@ -149,7 +149,7 @@ def test_offline_sql_builds_the_same_schema_as_upgrade(
         assert rendered.code == 0, rendered.stdout
         assert rendered.events("migration.applied") == [], "rendering applies nothing"
         (path,) = (tmp_path / service).glob("*.sql")
-        by_hand.pg.execute(path.read_text(), database=by_hand.name)
+        run_script(by_hand.pg.admin_dsn(by_hand.name), path.read_text())
         assert by_hand.version() == by_job.version() == [HEADS[service]]
         assert by_hand.pg.fetch(CATALOG, database=by_hand.name) == by_job.pg.fetch(
             CATALOG, database=by_job.name

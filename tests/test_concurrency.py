@@ -136,6 +136,7 @@ def test_eight_executions_at_once_apply_each_revision_exactly_once(
         (databases[0].name, "c81a6c877761"),
         (databases[0].name, HEADS["settlement"]),
         (databases[1].name, HEADS["risk-engine"]),
+        (databases[2].name, "ac845c92cc2a"),
         (databases[2].name, HEADS["compliance"]),
     }
     assert set(counts) == expected and set(counts.values()) == {1}, counts

@@ -102,6 +102,7 @@ def test_cloud_run_execution_upgrades_three_databases_then_is_a_noop(three) -> N
         "c81a6c877761",
         HEADS["settlement"],
         HEADS["risk-engine"],
+        "ac845c92cc2a",
         HEADS["compliance"],
     ]
     assert all(isinstance(e["duration_ms"], int) for e in applied)

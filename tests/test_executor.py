@@ -59,7 +59,7 @@ def test_apply_pass_commits_each_revision(
     """An apply pass leaves the database at head with every revision recorded as applied."""
     database = make_database("compliance")
     execution = run(target_for(database, socket_root), apply=True)
-    assert [s.revision for s in execution.applied] == [HEADS["compliance"]]
+    assert [s.revision for s in execution.applied] == ["ac845c92cc2a", HEADS["compliance"]]
     assert execution.revision_now == HEADS["compliance"] == database.version()[0]
     again = run(target_for(database, socket_root), apply=True)
     assert again.applied == [] and again.plan is not None and not again.plan.pending

@@ -11,7 +11,17 @@ from sqlalchemy.engine import URL
 
 from job import db
 from job.errors import ConfigError
-from job.lint import Finding, exemptions, failing, find_squawk, lint_service, split_revisions, statements
+from job.lint import (
+    HELPERS,
+    Finding,
+    exemptions,
+    failing,
+    find_squawk,
+    finding_help,
+    lint_service,
+    split_revisions,
+    statements,
+)
 from job.manifest import DatabaseEntry
 from job.services import discover
 from tests.support import FIXTURES, HEADS, SERVICES_DIR, run_job, write_manifest
@@ -74,6 +84,7 @@ def test_create_index_without_concurrently_on_an_existing_table_is_flagged(
     finding = findings[0]
     assert finding["statement"] == "CREATE INDEX ix_escrows_chain_id ON escrows (chain_id);"
     assert finding["lint_level"] == "warning" and "concurrently" in finding["help"].lower()
+    assert "job.ops.create_index_concurrently" in finding["help"], "the helper that does it safely"
     error = run.events("run.error")[0]
     assert error["error"] == "lint" and error["revision"] == "1dx000000001" and "lint-ignore" in error["hint"]
     # The earlier revision created its tables and indexes together: nothing to flag there.
@@ -152,6 +163,24 @@ def test_exemptions_need_a_rule_and_a_reason(tmp_path: Path) -> None:
     assert good.rules == ("prefer-text-field", "prefer-bigint-over-int") and good.line == 2
     assert good.reason == "new table; sizes are bounded by the protocol"
     assert bare.rules == ("ban-drop-column",) and bare.reason == ""
+
+
+def test_a_finding_that_a_helper_fixes_names_the_helper() -> None:
+    """squawk says what is unsafe; the help adds which job.ops helper makes the same change safely."""
+    assert finding_help("adding-not-nullable-field", "Make the field nullable.") == (
+        "Make the field nullable. With migrate-job: job.ops.add_not_null(table, column) then "
+        "job.ops.validate_not_null(table, column): CHECK NOT VALID, VALIDATE, SET NOT NULL without a scan, "
+        "drop the check."
+    )
+    assert finding_help("renaming-column", None) is not None
+    assert finding_help("prefer-text-field", "Use text.") == "Use text.", "no helper: squawk's help alone"
+    assert all("job.ops" in hint for hint in HELPERS.values())
+    for rule in (
+        "adding-foreign-key-constraint",
+        "adding-field-with-default",
+        "constraint-missing-not-valid",
+    ):
+        assert rule in HELPERS, rule
 
 
 def test_fail_on_level_and_exemptions_decide_what_fails() -> None:

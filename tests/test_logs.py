@@ -157,6 +157,33 @@ def test_library_info_is_not_written() -> None:
     assert stream.getvalue() == ""
 
 
+def test_a_library_event_is_kept_with_the_run_context() -> None:
+    """job.ops logs backfill progress through stdlib logging: its event stays, with the run's context.
+
+    Revisions import job.ops without the job's logging, so the helpers name their event in
+    json_fields; the line must read like the job's own (event, execution, the migration's database).
+    """
+    stream = json_setup()
+    logs.bind(execution="migrate-job-abc12")
+
+    with logs.scoped(database="ledger", revision="ledger000007"):
+        logging.getLogger("job.ops").info(
+            "backfill of payments: 1000 row(s) done",
+            extra={"json_fields": {"event": "backfill.progress", "rows_done": 1000}},
+        )
+    logs.event("run.summary", "Done.")
+
+    logs.also(revision="ledger000008")  # outside any scope: no effect
+    logs.event("run.summary", "Done again.")
+
+    progress, summary, again = json_lines(stream)
+    assert "revision" not in again, "nothing sticks outside a scope (offline rendering has none)"
+    assert progress["event"] == "backfill.progress" and progress["rows_done"] == 1000
+    assert progress["execution"] == "migrate-job-abc12"
+    assert (progress["database"], progress["revision"]) == ("ledger", "ledger000007")
+    assert "database" not in summary, "the scope ends with the block"
+
+
 def test_python_warnings_become_library_lines() -> None:
     """A DeprecationWarning printed to stderr would be a loose line; it goes through logging instead."""
     import warnings

@@ -78,6 +78,13 @@ class AmlAlert(TimestampMixin, Base):
     __table_args__ = (
         sa.CheckConstraint("risk_score >= 0 AND risk_score <= 100", name="risk_score_range"),
         sa.Index(None, "created_at"),
+        # The analysts' queue: unresolved alerts of a severity, newest first.
+        sa.Index(
+            "ix_aml_alerts_unresolved_severity_created_at",
+            "severity",
+            "created_at",
+            postgresql_where=sa.text("resolved_at IS NULL"),
+        ),
     )
 
     alert_id: Mapped[str] = mapped_column(String(128), primary_key=True)
