@@ -71,6 +71,16 @@ def test_commands_import_no_cli(graph: dict[str, set[str]]) -> None:
     assert not [n for n, imported in graph.items() if n != "job.__main__" and "job.cli" in imported]
 
 
+def test_ops_imports_nothing_else_of_the_job(graph: dict[str, set[str]]) -> None:
+    """Revisions import job.ops: plain `alembic upgrade` must run them without the rest of the job."""
+    wrong = {
+        n: sorted(m for m in i if not m.startswith("job.ops"))
+        for n, i in graph.items()
+        if n.startswith("job.ops")
+    }
+    assert not {n: m for n, m in wrong.items() if m}
+
+
 def test_modules_stay_small() -> None:
     """A module past a few hundred lines holds more than one concept: split it by concept."""
     sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in _modules().items()}
