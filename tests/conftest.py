@@ -140,7 +140,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     text = support.OUTPUT_LOG.read_text(encoding="utf-8")
     support.OUTPUT_LOG.unlink(missing_ok=True)
-    leaked = [p for p in ALL_PASSWORDS if p in text]
+    leaked = [p for p in ALL_PASSWORDS if any(form in text for form in support.spellings(p))]
     if leaked:
         print(f"\nSECRET LEAK: {len(leaked)} test password(s) appeared in job output")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +36,12 @@ TABLES = {
         "watchlist_entries",
     },
 }
+
+
+def spellings(secret: str) -> set[str]:
+    """Return how a secret could show in output: as is, or URL-quoted (fully, as SQLAlchemy renders it)."""
+    quoted = {urllib.parse.quote(secret, safe=""), urllib.parse.quote(secret, safe=" +")}
+    return {secret, *quoted, *(q.replace("%", "%%") for q in quoted)}
 
 
 def toml_value(value: Any) -> str:
