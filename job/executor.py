@@ -23,6 +23,7 @@ from job.plan import DONE, Direction, Plan, Step, compute_plan
 from job.report import elapsed_ms
 
 if TYPE_CHECKING:
+    from alembic.config import Config
     from alembic.runtime.migration import MigrationContext, MigrationStep
     from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -159,7 +160,7 @@ def _run_env(connection: Connection | None, execution: Execution) -> None:
     """Run the service's env.py with the execution as its ``fn``, whatever shape env.py has.
 
     The cookbook shape takes the live connection from ``config.attributes``; the templates build
-    their own engine from ``sqlalchemy.url`` (``%`` doubled for ConfigParser) or ``DATABASE_URL``.
+    their own engine from ``sqlalchemy.url`` or ``DATABASE_URL``.
     """
     from alembic.runtime.environment import EnvironmentContext
 
@@ -167,14 +168,23 @@ def _run_env(connection: Connection | None, execution: Execution) -> None:
     config = service.config()
     if connection is not None:
         config.attributes["connection"] = connection
-    url = execution.target.url.render_as_string(hide_password=False)
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     with (
-        _environment(DATABASE_URL=url),
+        _handing_url(config, execution.target.url.render_as_string(hide_password=False)),
         _job_owns_logging(),
         EnvironmentContext(config, service.script, fn=execution, dont_mutate=not execution.apply),
     ):
         service.script.run_env()
+
+
+@contextlib.contextmanager
+def _handing_url(config: Config, url: str) -> Iterator[None]:
+    """Give env.py the target's URL both ways shapes read it: ``sqlalchemy.url`` and ``DATABASE_URL``.
+
+    Set for offline rendering too, so a ``DATABASE_URL`` left in the job's environment is never read.
+    """
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser's escaping
+    with _environment(DATABASE_URL=url):
+        yield
 
 
 @contextlib.contextmanager
@@ -224,6 +234,7 @@ def render_sql(execution: Execution, start: tuple[str, ...]) -> str:
 
     service = execution.service
     config = service.config()
+    url = execution.target.url.set(password=None).render_as_string(hide_password=False)
     buffer = io.StringIO()
     config.output_buffer = buffer
     starting = start[0] if len(start) == 1 else None
@@ -234,13 +245,17 @@ def render_sql(execution: Execution, start: tuple[str, ...]) -> str:
             service=service.name,
         )
     try:
-        with EnvironmentContext(
-            config,
-            service.script,
-            fn=execution,
-            as_sql=True,
-            starting_rev=starting,
-            destination_rev=execution.destination,
+        with (
+            _handing_url(config, url),
+            _job_owns_logging(),
+            EnvironmentContext(
+                config,
+                service.script,
+                fn=execution,
+                as_sql=True,
+                starting_rev=starting,
+                destination_rev=execution.destination,
+            ),
         ):
             service.script.run_env()
     except MigrateJobError:

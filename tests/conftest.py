@@ -74,6 +74,13 @@ class Database:
             "password": password_ref or self.password,
         }
 
+    def owners(self) -> dict[str, str]:
+        """Return the owner role of each table in the public schema."""
+        rows = self.pg.fetch(
+            "SELECT tablename, tableowner FROM pg_tables WHERE schemaname = 'public'", database=self.name
+        )
+        return {r["tablename"]: r["tableowner"] for r in rows}
+
     def tables(self) -> set[str]:
         """Return the tables in the public schema."""
         rows = self.pg.fetch(

@@ -23,6 +23,8 @@ PROJECT = "fusion-prime-test"
 PASSWORD = "p@ss:/#?%<>&()' w0rd"
 # Every test password, so that a test can prove none of them reaches any output.
 ALL_PASSWORDS = (PASSWORD, "wr0ng:/#?%<>&()' pass")
+# A DATABASE_URL left in the job's environment by whatever ran before: the job must never use it.
+STALE_DATABASE_URL = "postgresql://wrong:wrong@127.0.0.1:1/wrong"
 HEADS = {"settlement": "b277be36eb38", "risk-engine": "9da4646821fb", "compliance": "ac845c92cc2a"}
 TABLES = {
     "settlement": {"settlement_commands", "webhook_subscriptions", "escrows"},
