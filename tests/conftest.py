@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
+from devtools.metadata_server import MetadataServer
 from devtools.pgserver import PgServer, acquire_server
 from devtools.secretmanager_emulator import SecretManagerEmulator
 from tests import support
-from tests.support import ALL_PASSWORDS, PASSWORD, PROJECT
+from tests.support import ALL_PASSWORDS, IAM_USER, PASSWORD, PROJECT, SERVICE_ACCOUNT, TOKENS
 
 INSTANCE = f"{PROJECT}:us-central1:fp-test-db"
 _counter = itertools.count()
@@ -73,6 +74,12 @@ class Database:
             "user": self.role,
             "password": password_ref or self.password,
         }
+
+    def iam_entry(self, **extra: Any) -> dict[str, Any]:
+        """Return the manifest entry for an IAM login that acts as the database's owner role."""
+        entry = {**self.entry(), "auth": "iam", "owner": self.role, **extra}
+        del entry["user"], entry["password"]
+        return entry
 
     def owners(self) -> dict[str, str]:
         """Return the owner role of each table in the public schema."""
@@ -131,6 +138,30 @@ def job_env(socket_root: Path | None, secret_manager: SecretManagerEmulator) -> 
     if socket_root is not None:
         env["MIGRATE_SOCKET_DIR"] = str(socket_root)
     return env
+
+
+@pytest.fixture
+def metadata(pg: PgServer, tmp_path: Path) -> Iterator[MetadataServer]:
+    """The fake metadata server handing out TOKENS[0], and the IAM database user that accepts it.
+
+    As on Cloud SQL, the IAM user is a login role of its own; here its password is the token.
+    """
+    with MetadataServer(email=SERVICE_ACCOUNT, project=PROJECT, token=TOKENS[0]) as server:
+        pg.create_role(IAM_USER, TOKENS[0])
+        yield server
+
+
+@pytest.fixture
+def iam_env(job_env: dict[str, str], metadata: MetadataServer, tmp_path: Path) -> dict[str, str]:
+    """The job's environment with its Google identity from the fake metadata server, and no other."""
+    config_dir = tmp_path / "gcloud"
+    config_dir.mkdir()
+    return {**job_env, **metadata.environment(config_dir)}
+
+
+def grant_membership(pg: PgServer, role: str, member: str = IAM_USER) -> None:
+    """Let member SET ROLE to role (as Cloud SQL's GRANT owner_role TO "sa@project.iam")."""
+    pg.execute(f'GRANT "{role}" TO "{member}"')
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

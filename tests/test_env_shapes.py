@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
-from tests.conftest import Database
-from tests.support import FIXTURES, STALE_DATABASE_URL, run_job, write_manifest
+from tests.conftest import Database, grant_membership
+from tests.support import FIXTURES, IAM_USER, STALE_DATABASE_URL, run_job, write_manifest
 
 SHAPES = FIXTURES / "shapes"
 ALL_SHAPES = [
@@ -92,3 +93,42 @@ def test_every_shape_takes_the_target_url_whatever_password_and_stale_database_u
     assert upgraded.code == 0 and upgraded.stderr == "", upgraded.stdout + upgraded.stderr
     for database in databases:
         assert_at_head(database, database.role)
+
+
+def test_every_shape_logs_in_with_iam_and_creates_as_the_owner_role(
+    make_database: Callable[..., Database], tmp_path: Path, iam_env: dict[str, str]
+) -> None:
+    """Engines env.py builds itself get a fresh token per connection and SET ROLE owner, as the job's do.
+
+    The URL env.py is handed has no password at all: only the job's connect hook can log it in.
+    """
+    databases = [make_database(shape) for shape in ALL_SHAPES]
+    for database in databases:
+        grant_membership(database.pg, database.role)
+    env = shapes_env(iam_env, tmp_path, [d.iam_entry() for d in databases])
+
+    upgraded = run_job(env=env)
+    assert upgraded.code == 0 and upgraded.stderr == "", upgraded.stdout + upgraded.stderr
+    for database in databases:
+        assert_at_head(database, database.role)
+    login = f"postgresql+asyncpg://{quote(IAM_USER, safe='')}@/"  # a user and no password at all
+    assert all(e["url"].startswith(login) for e in upgraded.events("db.connected")), login
+
+
+def test_a_settings_object_that_kept_the_first_url_stops_before_the_wrong_database(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """Seed 004's settings read DATABASE_URL once per process: a second database would get the first's URL.
+
+    The job refuses that connection (exit 7) instead of reporting the second database as migrated.
+    """
+    first, second = make_database("appsettings"), make_database("appsettings")
+    env = shapes_env(job_env, tmp_path, [first.entry(), second.entry()])
+
+    result = run_job(env=env)
+    assert result.code == 7, result.stdout + result.stderr
+    error = result.events("run.error")[0]
+    assert f"connected to database {first.name}" in error["message"]
+    assert f"migrating {second.name}" in error["message"] and "import" in error["hint"]
+    assert first.version() == ["5a0e00000001"]
+    assert second.version() == [] and "shape_appsettings" not in second.tables()
