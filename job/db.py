@@ -420,7 +420,8 @@ def connect_error(target: Target, exc: BaseException, elapsed_s: float) -> Conne
         hint = iam.refused_hint(entry, target.url.username or "")
     elif state in ("42501", "22023") and entry.owner and "role" in reason:
         user, owner = quote_ident(target.url.username or ""), quote_ident(entry.owner)
-        hint = f"the login must be a member of the owner role: GRANT {owner} TO {user} (CREATE ROLE it first)"
+        hint = f"the login must be a member of the owner role: GRANT {owner} TO {user}"
+        hint += f" (first CREATE ROLE {owner} NOLOGIN if it does not exist)" if state == "22023" else ""
     elif state == "28P01":
         hint = (
             f"check that the password secret {shown_reference(entry.password or entry.url)} "
