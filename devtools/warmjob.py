@@ -41,7 +41,7 @@ PRELOAD = (
     "job.scaffold",
     "google.cloud.logging_v2.handlers",
     "google.cloud.secretmanager",
-    "google.auth",
+    "google.auth",  # never google.auth.compute_engine: it reads GCE_METADATA_HOST when imported
     "sqlalchemy.ext.asyncio",
     "sqlalchemy.dialects.postgresql.asyncpg",
     "asyncpg",

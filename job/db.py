@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import SecretStr
 
-from job import logs
-from job.errors import ConfigError, ConnectError, SecretError
+from job import iam, logs
+from job.errors import ConfigError, ConnectError, MigrateJobError, SecretError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -67,7 +67,9 @@ def resolve_target(
 ) -> Target:
     """Return the entry's target with its secrets read; raise SecretError if one cannot be."""
     try:
-        if entry.url is not None:
+        if entry.auth == "iam":  # no secret to read: the job's identity, a token per connection
+            url = build_url(entry, iam.identity(entry.user).user, None, socket_root)
+        elif entry.url is not None:
             raw = resolver.resolve(manifest.reference(entry.url))
             url = url_from_secret(raw, entry)
         else:
@@ -81,23 +83,24 @@ def resolve_target(
     return Target(entry, url)
 
 
-def build_url(entry: DatabaseEntry, user: str, password: SecretStr, socket_root: Path) -> URL:
+def build_url(entry: DatabaseEntry, user: str, password: SecretStr | None, socket_root: Path) -> URL:
     """Return the asyncpg URL for an entry: Cloud SQL socket directory or TCP host."""
     from sqlalchemy.engine import URL
 
+    secret = password.get_secret_value() if password is not None else None
     if entry.instance is not None:
         check_socket_path(entry, socket_root / entry.instance / SOCKET_FILE)
         return URL.create(
             DRIVER,
             username=user,
-            password=password.get_secret_value(),
+            password=secret,
             database=entry.database,
             query={"host": str(socket_root / entry.instance)},
         )
     return URL.create(
         DRIVER,
         username=user,
-        password=password.get_secret_value(),
+        password=secret,
         host=entry.host,
         port=entry.port,
         database=entry.database,
@@ -166,13 +169,17 @@ def shown_reference(text: str | None) -> str:
     return "<literal>"
 
 
-def server_settings(target: Target, application_name: str) -> dict[str, str]:
-    """Return the session settings every connection of the job starts with."""
-    return {
-        "application_name": application_name,
+def server_settings(target: Target, application_name: str | None = None) -> dict[str, str]:
+    """Return the session settings every connection of the entry starts with."""
+    settings = {
         "lock_timeout": str(int(target.entry.lock_timeout_s * 1000)),
         "statement_timeout": str(int(target.entry.statement_timeout_s * 1000)),
     }
+    if application_name:
+        settings["application_name"] = application_name
+    if target.entry.owner:  # SET ROLE at login (RESET ROLE comes back to it); refused if not a member
+        settings["role"] = target.entry.owner
+    return settings
 
 
 async def connect(
@@ -188,6 +195,7 @@ async def connect(
         connect_args={
             "timeout": min(10.0, timeout_s),
             "server_settings": server_settings(target, application_name),
+            **iam.login_args(target.entry),
         },
     )
     try:
@@ -212,6 +220,7 @@ async def connect_raw(target: Target, *, timeout_s: float, application_name: str
         "port": url.port,
         "timeout": min(10.0, timeout_s),
         "server_settings": server_settings(target, application_name),
+        **iam.login_args(target.entry),
     }
     if "ssl" in query:
         kwargs["ssl"] = query["ssl"]
@@ -245,6 +254,8 @@ async def with_retries(target: Target, timeout_s: float, opener: Callable[[], Aw
         ):
             with attempt:
                 return await opener()
+    except MigrateJobError:
+        raise  # no token for an IAM login (SecretError): already says what to do
     except Exception as exc:
         raise connect_error(target, exc, loop.time() - started) from None
     raise AssertionError("unreachable: tenacity either returns or raises")
@@ -333,6 +344,8 @@ def sqlstate(exc: BaseException | None) -> str | None:
 
 def is_transient(exc: BaseException) -> bool:
     """Return True for failures that another connection attempt may cure."""
+    if isinstance(exc, MigrateJobError):
+        return False
     state = sqlstate(exc)
     if state is not None:
         return state in TRANSIENT_SQLSTATES
@@ -403,7 +416,13 @@ def connect_error(target: Target, exc: BaseException, elapsed_s: float) -> Conne
     reason = describe(exc)
     state = sqlstate(exc)
     entry = target.entry
-    if state == "28P01":
+    if state in ("28P01", "28000") and entry.auth == "iam":
+        hint = iam.refused_hint(entry, target.url.username or "")
+    elif state in ("42501", "22023") and entry.owner and "role" in reason:
+        user, owner = quote_ident(target.url.username or ""), quote_ident(entry.owner)
+        hint = f"the login must be a member of the owner role: GRANT {owner} TO {user}"
+        hint += f" (first CREATE ROLE {owner} NOLOGIN if it does not exist)" if state == "22023" else ""
+    elif state == "28P01":
         hint = (
             f"check that the password secret {shown_reference(entry.password or entry.url)} "
             f"matches role {target.url.username}"

@@ -13,18 +13,20 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from job import logs
+from job import db, iam, logs
 from job.errors import ConfigError, MigrateJobError, MigrationFailed
 from job.plan import DONE, Direction, Plan, Step, compute_plan
 from job.report import elapsed_ms
 
 if TYPE_CHECKING:
+    from alembic.config import Config
     from alembic.runtime.migration import MigrationContext, MigrationStep
-    from sqlalchemy.engine import Connection
+    from sqlalchemy.engine import Connection, Dialect
     from sqlalchemy.ext.asyncio import AsyncConnection
 
     from job.db import Target
@@ -162,7 +164,8 @@ def _run_env(connection: Connection | None, execution: Execution) -> None:
     """Run the service's env.py with the execution as its ``fn``, whatever shape env.py has.
 
     The cookbook shape takes the live connection from ``config.attributes``; the templates build
-    their own engine from ``sqlalchemy.url`` (``%`` doubled for ConfigParser) or ``DATABASE_URL``.
+    their own engine from ``sqlalchemy.url`` or ``DATABASE_URL``, and that engine's connections
+    log in as the job's own do (_EnvConnections).
     """
     from alembic.runtime.environment import EnvironmentContext
 
@@ -170,15 +173,83 @@ def _run_env(connection: Connection | None, execution: Execution) -> None:
     config = service.config()
     if connection is not None:
         config.attributes["connection"] = connection
-    url = execution.target.url.render_as_string(hide_password=False)
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     with (
-        _environment(DATABASE_URL=url),
+        _handing_url(config, execution.target.url.render_as_string(hide_password=False)),
+        _EnvConnections(execution.target),
         _job_owns_logging(),
         logs.scoped(**execution.target.fields()),
         EnvironmentContext(config, service.script, fn=execution, dont_mutate=not execution.apply),
     ):
         service.script.run_env()
+
+
+@contextlib.contextmanager
+def _handing_url(config: Config, url: str) -> Iterator[None]:
+    """Give env.py the target's URL both ways shapes read it: ``sqlalchemy.url`` and ``DATABASE_URL``.
+
+    Set for offline rendering too, so a ``DATABASE_URL`` left in the job's environment is never read.
+    """
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser's escaping
+    with _environment(DATABASE_URL=url):
+        yield
+
+
+class _EnvConnections:
+    """While env.py runs, connections it opens itself get the entry's login and session settings.
+
+    A class-level SQLAlchemy ``do_connect`` listener (registered once) gives them the IAM token
+    (a fresh one per connection), the owner role and the timeouts, as the job's own connections
+    have them. It also refuses a connection to another database than the target, e.g. from a URL
+    that a settings module read at import and kept for the next database.
+    """
+
+    current: ContextVar[Target | None] = ContextVar("migrate_job_env_target", default=None)
+    listening = False
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.token: Any = None
+
+    def __enter__(self) -> None:
+        if not _EnvConnections.listening:
+            from sqlalchemy import event
+            from sqlalchemy.engine import Engine
+
+            event.listen(Engine, "do_connect", _EnvConnections.on_connect)
+            _EnvConnections.listening = True
+        self.token = self.current.set(self.target)
+
+    def __exit__(self, *exc: object) -> None:
+        self.current.reset(self.token)
+
+    @classmethod
+    def on_connect(cls, dialect: Dialect, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        """Add the target's login to the arguments of a connection env.py opens (do_connect)."""
+        target = cls.current.get()
+        if target is None:
+            return
+        entry = target.entry
+        where = (cparams.get("database"), cparams.get("user"))
+        if where != (target.database, target.url.username):
+            raise MigrationFailed(
+                f"env.py of service {entry.service} connected to database {where[0]} as {where[1]}, "
+                f"but the job is migrating {target.database} as {target.url.username}",
+                hint="env.py must connect with the URL the job hands it when it runs (sqlalchemy.url or "
+                "DATABASE_URL), not one read earlier (a settings object made at import keeps the first)",
+                service=entry.service,
+                database=entry.database,
+            )
+        if dialect.driver == "asyncpg":
+            cparams.update(iam.login_args(entry))
+            cparams["server_settings"] = {**db.server_settings(target), **cparams.get("server_settings", {})}
+        elif entry.auth == "iam" or entry.owner:
+            raise MigrationFailed(
+                f'env.py of service {entry.service} connects with {dialect.driver}; auth = "iam" and owner '
+                "need asyncpg, the driver of the URL the job hands env.py",
+                hint="build the engine from sqlalchemy.url or DATABASE_URL as given",
+                service=entry.service,
+                database=entry.database,
+            )
 
 
 @contextlib.contextmanager
@@ -228,6 +299,7 @@ def render_sql(execution: Execution, start: tuple[str, ...]) -> str:
 
     service = execution.service
     config = service.config()
+    url = execution.target.url.set(password=None).render_as_string(hide_password=False)
     buffer = io.StringIO()
     config.output_buffer = buffer
     starting = start[0] if len(start) == 1 else None
@@ -238,13 +310,17 @@ def render_sql(execution: Execution, start: tuple[str, ...]) -> str:
             service=service.name,
         )
     try:
-        with EnvironmentContext(
-            config,
-            service.script,
-            fn=execution,
-            as_sql=True,
-            starting_rev=starting,
-            destination_rev=execution.destination,
+        with (
+            _handing_url(config, url),
+            _job_owns_logging(),
+            EnvironmentContext(
+                config,
+                service.script,
+                fn=execution,
+                as_sql=True,
+                starting_rev=starting,
+                destination_rev=execution.destination,
+            ),
         ):
             service.script.run_env()
     except MigrateJobError:

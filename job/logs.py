@@ -50,14 +50,23 @@ def scrub(text: str) -> str:
 
 
 def _forms(secret: str) -> tuple[str, ...]:
-    """Return a secret's spellings in logs: raw or repr'd (KeyError, ``!r``), JSON-escaped, URL-quoted."""
+    """Return a secret's spellings in logs: raw or repr'd (KeyError, ``!r``), JSON-escaped, URL-quoted.
+
+    URL-quoted three ways (fully, as a form value, and as SQLAlchemy renders a URL's password), each
+    also with ``%`` doubled, as a URL stands in an Alembic Config (``sqlalchemy.url``).
+    """
     spelled = (secret, repr(secret)[1:-1])
+    quoted = (
+        urllib.parse.quote(secret, safe=""),
+        urllib.parse.quote_plus(secret, safe=""),
+        urllib.parse.quote(secret, safe=" +"),
+    )
     return (
         *spelled,
         *(json.dumps(s, ensure_ascii=False)[1:-1] for s in spelled),
         *(json.dumps(s)[1:-1] for s in spelled),
-        urllib.parse.quote(secret, safe=""),
-        urllib.parse.quote_plus(secret, safe=""),
+        *quoted,
+        *(q.replace("%", "%%") for q in quoted),
     )
 
 

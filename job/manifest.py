@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -33,6 +33,12 @@ class DatabaseEntry(BaseModel):
     user: str | None = None
     password: str | None = None
     url: str | None = None
+    # "iam": Cloud SQL IAM database login, the job's service account as user and a fresh OAuth2
+    # token as password (job/iam.py); no password to store or rotate.
+    auth: Literal["password", "iam"] = "password"
+    # A role every connection of the entry switches to (SET ROLE at login), so the objects
+    # migrations create belong to it, whoever logs in.
+    owner: str | None = Field(default=None, pattern=NAME_PATTERN)
     # A DDL statement waits at most this long for a table lock, so it never queues the
     # application's traffic behind it; 0 means no limit.
     lock_timeout_s: float = Field(default=5.0, ge=0)
@@ -45,22 +51,41 @@ class DatabaseEntry(BaseModel):
 
     @model_validator(mode="after")
     def _one_way_to_connect(self) -> DatabaseEntry:
-        """Require either a whole URL, or user, password and one of instance or host."""
+        """Require either a whole URL, or user, password and one of instance or host (IAM: no password)."""
         if (self.database is None) == (self.discover is None):
             raise ValueError("give exactly one of database, databases or discover")
         if self.discover is not None and self.url is not None:
-            raise ValueError("discover needs user, password and instance or host, not url")
-        if self.url is not None:
+            raise ValueError(
+                'discover needs instance or host and a login (user and password, or auth = "iam"), not url'
+            )
+        if self.auth == "iam":
+            self._check_iam_login()
+        elif self.url is not None:
             extra = [k for k in ("instance", "host", "user", "password") if getattr(self, k)]
             if extra:
                 raise ValueError(f"url excludes {', '.join(extra)}: give one or the other")
             return self
-        missing = [k for k in ("user", "password") if getattr(self, k) is None]
-        if missing:
-            raise ValueError(f"missing {' and '.join(missing)} (or give url)")
+        else:
+            missing = [k for k in ("user", "password") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"missing {' and '.join(missing)} (or give url)")
         if (self.instance is None) == (self.host is None):
             raise ValueError("give exactly one of instance (Cloud SQL socket) or host (TCP)")
         return self
+
+    def _check_iam_login(self) -> None:
+        """Refuse a stored password or URL for an IAM entry, and a user that is not a plain name."""
+        extra = [k for k in ("password", "url") if getattr(self, k) is not None]
+        if extra:
+            raise ValueError(
+                f'auth = "iam" logs in with a token, so it excludes {" and ".join(extra)}: remove '
+                f'{"it" if len(extra) == 1 else "them"}, or use auth = "password"'
+            )
+        if self.user is not None and "://" in self.user:
+            raise ValueError(
+                'with auth = "iam", user is the IAM database user\'s name itself (or leave it out: '
+                "the job's service account gives it), not a secret reference"
+            )
 
     @property
     def label(self) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,9 +28,7 @@ class Service:
 
     def config(self) -> Config:
         """Return a fresh Alembic Config (its attributes carry one run's live objects)."""
-        from alembic.config import Config
-
-        return Config(str(self.ini))
+        return _job_config()(str(self.ini))
 
     @cached_property
     def script(self) -> ScriptDirectory:
@@ -86,3 +84,34 @@ def discover(services_dir: Path) -> dict[str, Service]:
         for child in sorted(services_dir.iterdir())
         if (child / "alembic.ini").is_file()
     }
+
+
+def escaped_url(name: str, value: str) -> str:
+    """Return an option as ConfigParser must hold it: a URL's ``%`` doubled, unless already done.
+
+    A percent-encoded URL never holds ``%%`` or ``%(``: one without either is raw (an env.py that
+    calls ``set_main_option("sqlalchemy.url", os.environ["DATABASE_URL"])``), one with them is
+    already escaped or uses interpolation on purpose.
+    """
+    if name == "sqlalchemy.url" and "%%" not in value and "%(" not in value:
+        return value.replace("%", "%%")
+    return value
+
+
+@cache
+def _job_config() -> type[Config]:
+    """Return Alembic's Config as the job hands it to env.py (built on first use: alembic loads lazily)."""
+    from alembic.config import Config
+
+    class JobConfig(Config):
+        """Alembic's Config, where a URL env.py sets without doubling ``%`` still parses.
+
+        Plain Alembic raises ``invalid interpolation syntax`` for such a value (any URL-quoted
+        password holds ``%``); only the job's runs get this leniency, ``alembic`` itself is unchanged.
+        """
+
+        def set_section_option(self, section: str, name: str, value: str) -> None:
+            """Set an option, doubling a raw URL's ``%`` (set_main_option comes here too)."""
+            super().set_section_option(section, name, escaped_url(name, value))
+
+    return JobConfig

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
+from devtools.metadata_server import MetadataServer
 from devtools.pgserver import PgServer, acquire_server
 from devtools.secretmanager_emulator import SecretManagerEmulator
 from tests import support
-from tests.support import ALL_PASSWORDS, PASSWORD, PROJECT
+from tests.support import ALL_PASSWORDS, IAM_USER, PASSWORD, PROJECT, SERVICE_ACCOUNT, TOKENS
 
 INSTANCE = f"{PROJECT}:us-central1:fp-test-db"
 _counter = itertools.count()
@@ -74,6 +75,19 @@ class Database:
             "password": password_ref or self.password,
         }
 
+    def iam_entry(self, **extra: Any) -> dict[str, Any]:
+        """Return the manifest entry for an IAM login that acts as the database's owner role."""
+        entry = {**self.entry(), "auth": "iam", "owner": self.role, **extra}
+        del entry["user"], entry["password"]
+        return entry
+
+    def owners(self) -> dict[str, str]:
+        """Return the owner role of each table in the public schema."""
+        rows = self.pg.fetch(
+            "SELECT tablename, tableowner FROM pg_tables WHERE schemaname = 'public'", database=self.name
+        )
+        return {r["tablename"]: r["tableowner"] for r in rows}
+
     def tables(self) -> set[str]:
         """Return the tables in the public schema."""
         rows = self.pg.fetch(
@@ -126,6 +140,30 @@ def job_env(socket_root: Path | None, secret_manager: SecretManagerEmulator) -> 
     return env
 
 
+@pytest.fixture
+def metadata(pg: PgServer, tmp_path: Path) -> Iterator[MetadataServer]:
+    """The fake metadata server handing out TOKENS[0], and the IAM database user that accepts it.
+
+    As on Cloud SQL, the IAM user is a login role of its own; here its password is the token.
+    """
+    with MetadataServer(email=SERVICE_ACCOUNT, project=PROJECT, token=TOKENS[0]) as server:
+        pg.create_role(IAM_USER, TOKENS[0])
+        yield server
+
+
+@pytest.fixture
+def iam_env(job_env: dict[str, str], metadata: MetadataServer, tmp_path: Path) -> dict[str, str]:
+    """The job's environment with its Google identity from the fake metadata server, and no other."""
+    config_dir = tmp_path / "gcloud"
+    config_dir.mkdir()
+    return {**job_env, **metadata.environment(config_dir)}
+
+
+def grant_membership(pg: PgServer, role: str, member: str = IAM_USER) -> None:
+    """Let member SET ROLE to role (as Cloud SQL's GRANT owner_role TO "sa@project.iam")."""
+    pg.execute(f'GRANT "{role}" TO "{member}"')
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Start the session's log of child-process output for the secret leak check."""
     fd, path = tempfile.mkstemp(prefix="migrate-job-test-output-", suffix=".log")
@@ -140,7 +178,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     text = support.OUTPUT_LOG.read_text(encoding="utf-8")
     support.OUTPUT_LOG.unlink(missing_ok=True)
-    leaked = [p for p in ALL_PASSWORDS if p in text]
+    leaked = [p for p in ALL_PASSWORDS if any(form in text for form in support.spellings(p))]
     if leaked:
         print(f"\nSECRET LEAK: {len(leaked)} test password(s) appeared in job output")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -20,8 +21,19 @@ COLD_START = "MIGRATE_TEST_COLD_START"
 PROJECT = "fusion-prime-test"
 # Every character that broke the shell script: a password must survive all of them.
 PASSWORD = "p@ss:/#?%<>&()' w0rd"
-# Every test password, so that a test can prove none of them reaches any output.
-ALL_PASSWORDS = (PASSWORD, "wr0ng:/#?%<>&()' pass")
+# The access tokens the fake metadata server hands out (devtools.metadata_server), as the job's IAM
+# login's password: first one, then the other after a rotation.
+TOKENS = (
+    "ya29.c.c0ASRK0Gtest-iam-token-one_a1B2c3D4e5F6g7H8i9J0",
+    "ya29.c.c0ASRK0Gtest-iam-token-two_z9Y8x7W6v5U4t3S2r1Q0",
+)
+# The job's service account in the tests, and its IAM database user (the email less its domain).
+SERVICE_ACCOUNT = f"migrate-job@{PROJECT}.iam.gserviceaccount.com"
+IAM_USER = f"migrate-job@{PROJECT}.iam"
+# Every test password and token, so that a test can prove none of them reaches any output.
+ALL_PASSWORDS = (PASSWORD, "wr0ng:/#?%<>&()' pass", *TOKENS)
+# A DATABASE_URL left in the job's environment by whatever ran before: the job must never use it.
+STALE_DATABASE_URL = "postgresql://wrong:wrong@127.0.0.1:1/wrong"
 HEADS = {"settlement": "b277be36eb38", "risk-engine": "9da4646821fb", "compliance": "3ae732a7860c"}
 TABLES = {
     "settlement": {"settlement_commands", "webhook_subscriptions", "escrows"},
@@ -35,6 +47,12 @@ TABLES = {
         "watchlist_entries",
     },
 }
+
+
+def spellings(secret: str) -> set[str]:
+    """Return how a secret could show in output: as is, or URL-quoted (fully, as SQLAlchemy renders it)."""
+    quoted = {urllib.parse.quote(secret, safe=""), urllib.parse.quote(secret, safe=" +")}
+    return {secret, *quoted, *(q.replace("%", "%%") for q in quoted)}
 
 
 def toml_value(value: Any) -> str:

@@ -315,3 +315,21 @@ def test_setup_replaces_handlers() -> None:
 
     assert len(json_lines(stream)) == 1
     assert len(logging.getLogger().handlers) == 1
+
+
+def test_scrub_masks_a_password_as_a_url_and_an_alembic_option_show_it() -> None:
+    """SQLAlchemy quotes a URL's password but keeps spaces; in an Alembic Config every % is doubled.
+
+    Both spellings reach output when an env.py or a library prints the URL it was given.
+    """
+    from sqlalchemy.engine import URL
+
+    password = "p@ss:/#?%<>&()' w0rd"
+    logs.redact(password)
+    url = URL.create("postgresql+asyncpg", username="u", password=password, database="d")
+    rendered = url.render_as_string(hide_password=False)
+
+    for text in (rendered, rendered.replace("%", "%%")):
+        masked = logs.scrub(text)
+        assert masked.startswith("postgresql+asyncpg://u:") and logs.MASK in masked
+        assert "w0rd" not in masked and "p%40ss" not in masked and "p%%40ss" not in masked

@@ -361,3 +361,60 @@ def test_environment_manifest_loads(path: Path, monkeypatch: pytest.MonkeyPatch)
             if getattr(db, key) and manifest.reference(getattr(db, key)).scheme == "literal"
         ]
         assert not literal, f"{path.name} holds literal secrets: {literal}"
+
+
+# --- auth = "iam" and owner ----------------------------------------------------------------------
+
+
+def iam_entry(**overrides: Any) -> dict[str, Any]:
+    """Return a valid IAM entry for settlement (no user, no password), with keys replaced."""
+    return entry(**{"auth": "iam", "user": None, "password": None, **overrides})
+
+
+def test_iam_entry_needs_no_user_or_password_and_takes_an_owner(tmp_path: Path) -> None:
+    """An IAM entry logs in as the job's identity: no secret to name; the owner is a role name."""
+    path = write_manifest(
+        tmp_path / "env.toml",
+        [
+            iam_entry(owner="settlement_owner"),
+            iam_entry(service="compliance", database="compliance", user="alice@example.com"),
+            iam_entry(service="risk-engine", database=None, discover="SELECT 'risk_engine'", owner="risk"),
+        ],
+    )
+
+    listed, named, discovered = load_manifest(path, SERVICES).databases
+
+    assert (listed.auth, listed.user, listed.password, listed.owner) == (
+        "iam",
+        None,
+        None,
+        "settlement_owner",
+    )
+    assert named.user == "alice@example.com" and named.owner is None
+    assert discovered.auth == "iam" and discovered.discover is not None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"password": PASSWORD_REF}, 'auth = "iam" logs in with a token, so it excludes password'),
+        (
+            {"instance": None, "url": "env://DB_URL"},
+            'auth = "iam" logs in with a token, so it excludes url',
+        ),
+        ({"user": "secretmanager://db-user"}, "user is the IAM database user's name itself"),
+        ({"instance": None}, "give exactly one of instance (Cloud SQL socket) or host (TCP)"),
+        ({"auth": "token"}, "databases[0].auth: Input should be 'password' or 'iam'"),
+        ({"owner": "owner; DROP TABLE x"}, "databases[0].owner: String should match pattern"),
+    ],
+)
+def test_bad_iam_entry(tmp_path: Path, overrides: dict[str, Any], says: str) -> None:
+    """Each mistake in an IAM entry is exit 2 with a sentence saying what to change."""
+    error = config_error(tmp_path / "env.toml", [iam_entry(**overrides)], project=PROJECT)
+    assert says in error.message, error.message
+
+
+def test_owner_applies_to_password_logins_too(tmp_path: Path) -> None:
+    """owner is not tied to IAM: any login may act as the role that owns the schema."""
+    path = write_manifest(tmp_path / "env.toml", [entry(owner="settlement_owner")])
+    assert load_manifest(path, SERVICES).databases[0].owner == "settlement_owner"

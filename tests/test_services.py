@@ -269,3 +269,28 @@ def test_offline_sql_renders(name: str, offline_sql: dict[str, tuple[int, str, s
     assert f"INSERT INTO alembic_version (version_num) VALUES ('{HEADS[name]}')" in stdout or (
         f"UPDATE alembic_version SET version_num='{HEADS[name]}'" in stdout
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "held"),
+    [
+        # A raw URL (seed 000's env.py hands DATABASE_URL straight to set_main_option): % doubled.
+        ("postgresql://u:p%40ss%25w@/db", "postgresql://u:p%%40ss%%25w@/db"),
+        # Already doubled by a careful env.py, or interpolating on purpose: kept as written.
+        ("postgresql://u:p%%40ss@/db", "postgresql://u:p%%40ss@/db"),
+        ("sqlite:///%(here)s/app.db", "sqlite:///%(here)s/app.db"),
+        ("postgresql://u@/db", "postgresql://u@/db"),
+    ],
+)
+def test_the_config_env_py_gets_takes_a_url_whether_or_not_percent_is_doubled(value: str, held: str) -> None:
+    """Under the job, set_main_option("sqlalchemy.url", raw_url) works; Alembic's own Config is unchanged."""
+    service = Service("dburl", FIXTURES / "shapes" / "dburl")
+    config = service.config()
+
+    config.set_main_option("sqlalchemy.url", value)
+
+    assert config.file_config.get(config.config_ini_section, "sqlalchemy.url", raw=True) == held
+    assert "%%" not in (config.get_main_option("sqlalchemy.url") or "")
+    if held != value:
+        with pytest.raises(ValueError, match="invalid interpolation syntax"):
+            Config(str(service.ini)).set_main_option("sqlalchemy.url", value)
