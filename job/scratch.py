@@ -54,14 +54,25 @@ SCRATCH_HINT = "verify needs a URL whose role may CREATE DATABASE (a throwaway s
 
 
 async def recreate(
-    admin: Any, name: str, *, create: bool, hint: str = SCRATCH_HINT, what: str = "scratch"
+    admin: Any,
+    name: str,
+    *,
+    create: bool,
+    hint: str = SCRATCH_HINT,
+    what: str = "scratch",
+    login: dict[str, Any] | None = None,
 ) -> None:
-    """Drop a database if it exists and, with create, create it empty (autocommit, as required)."""
+    """Drop a database if it exists and, with create, create it empty (autocommit, as required).
+
+    login holds extra connect arguments (an IAM entry's token function).
+    """
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
     from sqlalchemy.pool import NullPool
 
-    engine = create_async_engine(admin, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    engine = create_async_engine(
+        admin, poolclass=NullPool, isolation_level="AUTOCOMMIT", connect_args=login or {}
+    )
     try:
         async with engine.connect() as connection:
             await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

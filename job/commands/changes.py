@@ -41,6 +41,7 @@ async def stamp(run: Run, revision: str, *, yes: bool = False) -> None:
 
 async def reset(run: Run, *, yes: bool = False) -> None:
     """Drop and recreate each selected database, then upgrade it to head (development only)."""
+    from job import iam
     from job.scratch import recreate
 
     if run.cloud_run.job:
@@ -66,6 +67,7 @@ async def reset(run: Run, *, yes: bool = False) -> None:
             target.database,
             create=True,
             what="the",
+            login=iam.login_args(target.entry),
             hint=f"reset connects to {target.entry.discover_database} on the same server as "
             f"{target.entry.user or 'the login'}, which must own the database and have CREATEDB",
         )
