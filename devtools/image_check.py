@@ -32,14 +32,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from devtools import dockerfile
+from devtools import dockerfile, jobfixture
 from devtools.deploy_schema import Build, Job, substitute, substitution_problems
 from devtools.pgserver import acquire_server
-from devtools.secretmanager_emulator import SecretManagerEmulator
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = {".venv", "job", "services", "deploy/environments"}
-PASSWORD = "Image ch&ck (p@ss) w0rd's %s"
 PROJECT = "image-check"
 
 
@@ -364,40 +362,21 @@ def smoke(root: Path, env: dict[str, str], repo: Path) -> None:
 def _smoke_upgrade(job: Any, tmp: Path) -> None:
     """Upgrade three fresh databases (one per service) from the image, twice; check the summaries."""
     server = acquire_server()
-    sockets = tmp / "cloudsql"
-    instance = f"{PROJECT}:us-central1:image-check"
-    services = {"settlement": "ic_settlement", "risk-engine": "ic_risk_engine", "compliance": "ic_compliance"}
     try:
-        for name in services.values():
-            server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        server.execute("DROP ROLE IF EXISTS ic_migrator")
-        server.create_role("ic_migrator", PASSWORD)
-        for name in services.values():
-            server.create_database(name, owner="ic_migrator")
-        with SecretManagerEmulator(secrets={PROJECT: {"ic-db-password": PASSWORD}}) as emulator:
-            where = _where(server, sockets, instance)
-            entries = "".join(
-                f'[[databases]]\nservice = "{svc}"\ndatabase = "{db}"\n{where}'
-                f'user = "ic_migrator"\npassword = "secretmanager://ic-db-password"\n\n'
-                for svc, db in services.items()
-            )
+        entries = jobfixture.named_entries("ic", PROJECT)
+        with jobfixture.databases(server, PROJECT, entries) as fixture:
+            where = _where(server, tmp / "cloudsql", entries[0].instance)
             manifest = tmp / "image-check.toml"
-            manifest.write_text(f'project = "{PROJECT}"\n\n{entries}')
+            manifest.write_text(fixture.manifest(where))
             extra = {
                 "MIGRATE_MANIFEST": str(manifest),
-                "MIGRATE_SOCKET_DIR": str(sockets),
-                "MIGRATE_SECRET_MANAGER_ENDPOINT": emulator.endpoint,
-                "CLOUD_RUN_JOB": "migrate-job-check",
-                "CLOUD_RUN_EXECUTION": "migrate-job-check-abc12",
-                "CLOUD_RUN_TASK_INDEX": "0",
-                "CLOUD_RUN_TASK_COUNT": "1",
+                "MIGRATE_SOCKET_DIR": str(tmp / "cloudsql"),
+                "MIGRATE_SECRET_MANAGER_ENDPOINT": fixture.emulator.endpoint,
+                **jobfixture.CLOUD_RUN,
             }
             for attempt, applied in (("first", True), ("second", False)):
                 _expect_success(job(extra=extra), attempt, applied)
     finally:
-        for name in services.values():
-            server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        server.execute("DROP ROLE IF EXISTS ic_migrator")
         if server.kind != "env":
             server.stop()
     say(
@@ -410,28 +389,21 @@ def _where(server: Any, sockets: Path, instance: str) -> str:
     """Return the manifest lines that reach the server: a Cloud SQL-shaped socket, else TCP."""
     if server.socket_dir is None:
         return f'host = "{server.host}"\nport = {server.port}\n'
-    server.cloudsql_dir(sockets, [instance])
+    jobfixture.cloudsql_sockets(server, sockets, [instance])
     return f'instance = "{instance}"\n'
 
 
 def _expect_success(result: subprocess.CompletedProcess[str], attempt: str, applied: bool) -> None:
     """Raise unless the run exited 0 with a complete summary and no password in its output."""
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
+    if result.returncode != 0 or not result.stdout.strip():
         raise CheckFailed(
             f"{attempt} upgrade from the image exited {result.returncode}:\n{result.stdout}{result.stderr}"
         )
-    summary = json.loads(lines[-1])
-    if summary.get("event") != "run.summary" or summary.get("status") != "succeeded":
-        raise CheckFailed(f"{attempt} upgrade: unexpected summary {lines[-1]}")
-    if any(bool(db["applied"]) != applied for db in summary["databases"]):
-        raise CheckFailed(
-            f"{attempt} upgrade: applied lists {[db['applied'] for db in summary['databases']]}"
-        )
-    labels = summary.get("logging.googleapis.com/labels", {})
-    if labels.get("execution") != "migrate-job-check-abc12":
-        raise CheckFailed(f"{attempt} upgrade: the Cloud Run execution is not in the labels: {labels}")
-    if PASSWORD in result.stdout + result.stderr:
+    execution = jobfixture.CLOUD_RUN["CLOUD_RUN_EXECUTION"]
+    problems = jobfixture.summary_problems(result.stdout, applied=applied, execution=execution)
+    if problems:
+        raise CheckFailed(f"{attempt} upgrade: " + "; ".join(problems))
+    if jobfixture.PASSWORD in result.stdout + result.stderr:
         raise CheckFailed(f"{attempt} upgrade: the password appears in the output")
 
 
