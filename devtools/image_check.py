@@ -5,7 +5,9 @@
 2. Every ``deploy/jobs/<env>.yaml`` against the Cloud Run v1 Job resource, and against its manifest
    (job name, MIGRATE_ENV, one Cloud SQL socket per instance, no retries).
 3. ``cloudbuild.yaml`` and ``deploy/cloudbuild-release.yaml``: fields, substitutions declared and used,
-   the files their steps run, and ``bash -n`` of each script after substitution.
+   the files their steps run, and ``bash -n`` of each script after substitution. The failed-run
+   log-based metric and alert policy of ``deploy/monitoring/`` against the LogMetric and AlertPolicy
+   resources, the statuses and fields run.summary really has, and each other.
 4. The image's filesystem, rebuilt the way the Dockerfile builds it: a build context filtered by
    .dockerignore, the builder stage's COPY and RUN instructions (the same ``uv sync``) replayed in a
    temporary root, the runtime stage's copy; then ``migrate-job --help``, ``heads`` for each bundled
@@ -33,7 +35,7 @@ import yaml
 from pydantic import ValidationError
 
 from devtools import dockerfile, jobfixture
-from devtools.deploy_schema import Build, Job, substitute, substitution_problems
+from devtools.deploy_schema import AlertPolicy, Build, Job, LogMetric, substitute, substitution_problems
 from devtools.pgserver import acquire_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -184,6 +186,118 @@ def build_problems(path: Path, repo: Path) -> list[str]:
             if not (repo / word).is_file():
                 problems.append(f"step {step.id}: {word} does not exist")
     return problems
+
+
+# ---- 3b. Monitoring: the failed-run metric and its alert ------------------------------------
+
+METRIC_FILE = "deploy/monitoring/failed-runs-metric.yaml"
+ALERT_FILE = "deploy/monitoring/failed-runs-alert.yaml"
+# run.summary's own fields that a metric may extract (see job/report.py).
+SUMMARY_FIELDS = {"status", "exit_code", "command"}
+# The labels of Cloud Monitoring's cloud_run_job monitored resource.
+RESOURCE_LABELS = {"project_id", "location", "job_name"}
+# Aligners that turn a DELTA INT64 count into a number of runs per period.
+COUNT_ALIGNERS = {"ALIGN_SUM", "ALIGN_COUNT", "ALIGN_DELTA"}
+_STATUS = re.compile(r'jsonPayload\.status\s*=\s*(\([^)]*\)|"[^"]*")')
+_EXTRACTOR = re.compile(r"^(?:EXTRACT|REGEXP_EXTRACT)\(\s*([\w.]+)")
+_TEMPLATE = re.compile(r"\$\{(metric|resource)\.label\.(\w+)\}")
+
+
+def run_statuses() -> set[str]:
+    """Return every status run.summary can carry, from the job's own mapping of exit codes."""
+    from job.report import run_status
+
+    return {run_status(code) for code in range(256)}
+
+
+def metric_problems(path: Path) -> tuple[LogMetric, list[str]]:
+    """Return the log-based metric and what is wrong with it for counting failed runs."""
+    try:
+        metric = LogMetric.model_validate(load_yaml(path))
+    except ValidationError as exc:
+        raise _validation(path, exc) from None
+    problems = []
+    for needed in ('resource.type="cloud_run_job"', 'jsonPayload.event="run.summary"'):
+        if needed not in metric.filter:
+            problems.append(f"filter must have {needed}")
+    found = _STATUS.search(metric.filter)
+    statuses = set(re.findall(r'"([^"]*)"', found.group(1))) if found else set()
+    if "failed" not in statuses:
+        problems.append('filter must select jsonPayload.status="failed"')
+    for status in sorted(statuses - run_statuses()):
+        problems.append(
+            f"filter selects status {status!r}, which run.summary never has ({sorted(run_statuses())})"
+        )
+    kind = metric.metric_descriptor
+    if (kind.metric_kind, kind.value_type) != ("DELTA", "INT64"):
+        problems.append("metricDescriptor must be DELTA INT64: a count of runs")
+    declared = {label.key for label in kind.labels}
+    if set(metric.label_extractors) != declared:
+        problems.append(
+            f"labelExtractors {sorted(metric.label_extractors)} must match the labels {sorted(declared)}"
+        )
+    for key, extractor in metric.label_extractors.items():
+        source = _EXTRACTOR.match(extractor)
+        field = source.group(1) if source else ""
+        if field.startswith("jsonPayload.") and field.removeprefix("jsonPayload.") not in SUMMARY_FIELDS:
+            problems.append(f"label {key} extracts {field}, which run.summary does not have")
+        elif not source:
+            problems.append(f"label {key}: {extractor!r} is not EXTRACT(...) or REGEXP_EXTRACT(...)")
+    return metric, problems
+
+
+def alert_problems(path: Path, metric: LogMetric) -> list[str]:
+    """Return what is wrong with the alert policy: it must fire on the first failed run."""
+    try:
+        policy = AlertPolicy.model_validate(load_yaml(path))
+    except ValidationError as exc:
+        raise _validation(path, exc) from None
+    labels = {label.key for label in metric.metric_descriptor.labels}
+    problems = []
+    for condition in policy.conditions:
+        threshold = condition.condition_threshold
+        wanted = f'metric.type="logging.googleapis.com/user/{metric.name}"'
+        if wanted not in threshold.filter:
+            problems.append(f"condition {condition.display_name!r}: filter must have {wanted}")
+        fires_on_one = (threshold.comparison == "COMPARISON_GT" and threshold.threshold_value < 1) or (
+            threshold.comparison == "COMPARISON_GE" and threshold.threshold_value <= 1
+        )
+        if not fires_on_one:
+            problems.append(f"condition {condition.display_name!r} must fire on one failed run (> 0)")
+        for aggregation in threshold.aggregations:
+            if aggregation.per_series_aligner not in COUNT_ALIGNERS:
+                problems.append(
+                    f"perSeriesAligner {aggregation.per_series_aligner}: use one of {sorted(COUNT_ALIGNERS)}"
+                )
+            problems += _label_problems(aggregation.group_by_fields, labels)
+    if policy.documentation is not None:
+        text = policy.documentation.content + (policy.documentation.subject or "")
+        used = [f"{kind}.label.{name}" for kind, name in _TEMPLATE.findall(text)]
+        problems += [f"documentation: {p}" for p in _label_problems(used, labels)]
+    return problems
+
+
+def _label_problems(fields: list[str], metric_labels: set[str]) -> list[str]:
+    """Return the metric.label.X and resource.label.X references that name no label."""
+    problems = []
+    for field in fields:
+        kind, _, name = field.partition(".label.")
+        known = metric_labels if kind == "metric" else RESOURCE_LABELS if kind == "resource" else set()
+        if name not in known:
+            problems.append(f"{field} names no label of the metric or of the cloud_run_job resource")
+    return problems
+
+
+def monitoring_problems(repo: Path) -> list[str]:
+    """Return the findings of the failed-run metric and alert policy files."""
+    metric_path, alert_path = repo / METRIC_FILE, repo / ALERT_FILE
+    missing = [shown(p) for p in (metric_path, alert_path) if not p.is_file()]
+    if missing:
+        return [f"{m} is missing: operators would not be told when a migration fails" for m in missing]
+    metric, problems = metric_problems(metric_path)
+    return [f"{METRIC_FILE}: {p}" for p in problems] + [
+        f"{ALERT_FILE}: {p}" for p in alert_problems(alert_path, metric)
+    ]
 
 
 # ---- 4. The image's filesystem --------------------------------------------------------------
@@ -425,7 +539,7 @@ def static_checks(repo: Path) -> list[str]:
         ]
     for path in (repo / "cloudbuild.yaml", repo / "deploy" / "cloudbuild-release.yaml"):
         problems += [f"{path.relative_to(repo)}: {p}" for p in build_problems(path, repo)]
-    return problems
+    return problems + monitoring_problems(repo)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = static_checks(repo)
         if problems:
             raise CheckFailed("\n".join(problems))
-        say("static", "hadolint, Dockerfile rules, job YAMLs, Cloud Build configs: clean")
+        say("static", "hadolint, Dockerfile rules, job YAMLs, Cloud Build configs, alerting: clean")
         if not args.static:
             with image_root(repo, keep=args.keep) as (root, env):
                 tree = tree_problems(root)
