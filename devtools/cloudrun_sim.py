@@ -55,6 +55,7 @@ class Outcome:
     stderr: str
     seconds: float
     peak_bytes: int | None = None
+    peak_rss_bytes: int | None = None
 
     def tail(self, lines: int = 8) -> list[str]:
         """Return the last lines of the output, for a failure message."""
@@ -91,9 +92,13 @@ class CloudRunTask:
         if measure:
             started = time.monotonic()
             name = self.start(*args, env=env)
-            peak = self._watch_memory(name)
+            peak, rss = self._watch_memory(name)
             outcome = self.finish(name)
-            outcome.seconds, outcome.peak_bytes = time.monotonic() - started, peak
+            outcome.seconds, outcome.peak_bytes, outcome.peak_rss_bytes = (
+                time.monotonic() - started,
+                peak,
+                rss,
+            )
             return outcome
         started = time.monotonic()
         result = podman.podman("run", "--rm", *self._options(env), self.image, *args, check=False)
@@ -123,25 +128,31 @@ class CloudRunTask:
         result = podman.podman("logs", name, check=False)
         return (result.stdout + result.stderr)[-3000:]
 
-    def _watch_memory(self, name: str) -> int | None:
-        """Follow the task's memory cgroup until it goes away; return the highest usage seen."""
-        cid = podman.podman("inspect", "--format", "{{.Id}}", name).stdout.strip()
+    def _watch_memory(self, name: str) -> tuple[int | None, int | None]:
+        """Follow the task until its cgroup goes away; return the cgroup's peak and PID 1's peak RSS.
+
+        The cgroup's figure is what the memory limit applies to (anonymous memory and the page
+        cache the task brought in); VmHWM is the job process's own high-water mark.
+        """
+        inspected = podman.podman("inspect", "--format", "{{.Id}} {{.State.Pid}}", name).stdout.split()
+        cid, pid = inspected[0], inspected[1]
         files = [
             CGROUP_ROOT / "memory" / CGROUP_PARENT / f"libpod-{cid}" / "memory.max_usage_in_bytes",
             CGROUP_ROOT / CGROUP_PARENT / f"libpod-{cid}" / "memory.peak",
         ]
         peak: int | None = None
+        rss: int | None = None
         deadline = time.monotonic() + 1800
         while time.monotonic() < deadline:
-            seen = [_read_int(f) for f in files]
-            values = [v for v in seen if v is not None]
+            rss = max(rss or 0, _vm_hwm(pid)) or rss
+            values = [v for v in (_read_int(f) for f in files) if v is not None]
             if not values:
                 if peak is not None or not self.running(name):
                     break
             else:
                 peak = max([*values, peak or 0])
             time.sleep(0.05)
-        return peak
+        return peak, rss
 
     def time_inside(self, command: list[str], repeats: int) -> list[float]:
         """Return the wall times of a command run repeatedly inside one container of the image."""
@@ -169,6 +180,16 @@ def _read_int(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+def _vm_hwm(pid: str) -> int:
+    """Return a process's peak resident set size in bytes (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    line = next((x for x in status.splitlines() if x.startswith("VmHWM:")), "VmHWM: 0 kB")
+    return int(line.split()[1]) * 1024
 
 
 def _rmdir(path: Path) -> None:

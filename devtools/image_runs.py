@@ -140,10 +140,18 @@ def first_upgrade(staged: Stage, session: Session) -> str:
             problems.append(f"{db['database']} is at {found}, the summary says {db['to_revision']}")
     if problems:
         raise CheckFailed("\n".join(problems))
-    session.figures["peak_memory_mib"] = round(outcome.peak_bytes / 2**20, 1) if outcome.peak_bytes else None
+    session.figures["peak_memory_mib"] = {
+        "container_cgroup": _mib(outcome.peak_bytes),
+        "job_rss": _mib(outcome.peak_rss_bytes),
+    }
     applied = sum(len(db["applied"]) for db in summary["databases"])
     lines = len(outcome.stdout.splitlines())
     return f"{applied} revisions on 3 databases, {lines} JSON lines, {outcome.seconds:.1f} s"
+
+
+def _mib(value: int | None) -> float | None:
+    """Return bytes in MiB, one decimal."""
+    return round(value / 2**20, 1) if value else None
 
 
 def second_upgrade(staged: Stage, session: Session) -> str:

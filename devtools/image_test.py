@@ -187,9 +187,9 @@ def report(session: Session, seconds: float) -> None:
         say(f"image size {image['size_mib']} MiB, {image['layers']} layers ({base})")
         for layer in image["layers_with_content"]:
             say(f"  {layer['size_mib']:>8} MiB  {layer['created_by']}")
-    say(
-        f"peak memory of the 3-database upgrade: {session.figures.get('peak_memory_mib')} MiB (limit 512 MiB)"
-    )
+    memory = session.figures.get("peak_memory_mib") or {}
+    cgroup, rss = memory.get("container_cgroup"), memory.get("job_rss")
+    say(f"peak memory of the 3-database upgrade: {cgroup} MiB in the container's cgroup, job RSS {rss} MiB")
     startup = help_s.get("median_in_container")
     say(f"--help start-up inside the container: {startup} s (median of {image_runs.HELP_REPEATS})")
     say(f"build {session.figures.get('build_s')} s; image-test {seconds:.0f} s in all")
