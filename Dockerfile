@@ -29,9 +29,10 @@ COPY job/ job/
 COPY services/ services/
 COPY deploy/environments/ deploy/environments/
 # The project is installed editable: the job finds services/ and deploy/environments/ next to job/.
+# uv's lock file is world-writable (0666): it goes, so that nothing under /app is writable at run time.
 RUN uv sync --frozen --no-dev \
     && python -m compileall -q job services \
-    && rm pyproject.toml uv.lock README.md
+    && rm pyproject.toml uv.lock README.md .venv/.lock
 
 # ---- runtime: the slim Python image, the venv and the three folders, a non-root user -----------
 FROM ${PYTHON_IMAGE}

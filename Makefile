@@ -15,7 +15,7 @@ TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo manual)
 IMAGE ?= $(REGION)-docker.pkg.dev/$(PROJECT)/$(REPOSITORY)/migrate-job:$(TAG)
 JOB = migrate-job-$(ENV)
 
-.PHONY: help install demo test lint format image-check image push deploy execute bench
+.PHONY: help install demo test lint format image-check image image-test push deploy execute bench
 
 help:
 	@echo "make install   create .venv from uv.lock (runtime + dev tools)"
@@ -25,8 +25,9 @@ help:
 	@echo "make format    ruff format and ruff check --fix"
 	@echo "make bench     time this job against an alembic loop and psql -f on 100 databases (not in make test)"
 	@echo "make image-check  hadolint, job YAMLs, cloudbuild.yaml, and the image's files rebuilt and run without Docker"
-	@echo "make image     docker build the image as IMAGE (needs a Docker engine)"
-	@echo "make push      docker push IMAGE to Artifact Registry"
+	@echo "make image     build the image as IMAGE: docker if a Docker engine answers, else podman (ENGINE=... chooses)"
+	@echo "make image-test  build the real image with podman and run it as Cloud Run runs a job task (as root)"
+	@echo "make push      push IMAGE to Artifact Registry with the same engine"
 	@echo "make deploy ENV=dev IMAGE=...   gcloud run jobs replace deploy/jobs/ENV.yaml with IMAGE"
 	@echo "make execute ENV=dev            gcloud run jobs execute migrate-job-ENV --wait (exit code = the job's outcome)"
 
@@ -51,11 +52,14 @@ bench: install
 image-check: install
 	$(UV) run --frozen python -m devtools.image_check
 
-image:
-	docker build --build-arg REVISION=$$(git rev-parse HEAD) -t $(IMAGE) .
+image: install
+	$(UV) run --frozen python -m devtools.engine build --image $(IMAGE) --revision $$(git rev-parse HEAD)
 
-push:
-	docker push $(IMAGE)
+image-test: install
+	$(UV) run --frozen python -m devtools.image_test
+
+push: install
+	$(UV) run --frozen python -m devtools.engine push --image $(IMAGE)
 
 deploy:
 	@mkdir -p build

@@ -240,3 +240,96 @@ def substitution_problems(build: Build) -> list[str]:
             if wanted != "-" and wanted not in ids:
                 problems.append(f"step {step.id or step.name} waits for unknown step {wanted!r}")
     return problems
+
+
+# ---- Cloud Logging: LogMetric (gcloud logging metrics create --config-from-file) -------------
+
+
+class LabelDescriptor(_Strict):
+    key: str = Field(pattern=r"^[a-z][a-z0-9_]{0,99}$")
+    value_type: Literal["STRING", "BOOL", "INT64"] = Field(default="STRING", alias="valueType")
+    description: str | None = None
+
+
+class MetricDescriptor(_Strict):
+    metric_kind: Literal["DELTA", "GAUGE", "CUMULATIVE"] = Field(alias="metricKind")
+    value_type: Literal["INT64", "DOUBLE", "DISTRIBUTION", "BOOL", "STRING"] = Field(alias="valueType")
+    unit: str | None = None
+    display_name: str | None = Field(default=None, alias="displayName")
+    description: str | None = None
+    labels: list[LabelDescriptor] = Field(default_factory=list)
+
+
+class LogMetric(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_./-]{1,100}$")
+    description: str | None = None
+    filter: str = Field(min_length=1)
+    disabled: bool | None = None
+    metric_descriptor: MetricDescriptor = Field(alias="metricDescriptor")
+    value_extractor: str | None = Field(default=None, alias="valueExtractor")
+    label_extractors: dict[str, str] = Field(default_factory=dict, alias="labelExtractors")
+
+
+# ---- Cloud Monitoring: AlertPolicy (gcloud monitoring policies create --policy-from-file) -----
+
+_DURATION = r"^\d+(\.\d+)?s$"
+
+
+class Documentation(_Strict):
+    content: str
+    mime_type: Literal["text/markdown"] = Field(default="text/markdown", alias="mimeType")
+    subject: str | None = Field(default=None, max_length=255)
+
+
+class Aggregation(_Strict):
+    alignment_period: str = Field(alias="alignmentPeriod", pattern=_DURATION)
+    per_series_aligner: str = Field(alias="perSeriesAligner", pattern=r"^ALIGN_[A-Z_0-9]+$")
+    cross_series_reducer: str | None = Field(
+        default=None, alias="crossSeriesReducer", pattern=r"^REDUCE_[A-Z_0-9]+$"
+    )
+    group_by_fields: list[str] = Field(default_factory=list, alias="groupByFields")
+
+
+class Trigger(_Strict):
+    count: int | None = Field(default=None, ge=1)
+    percent: float | None = Field(default=None, ge=0, le=100)
+
+
+class MetricThreshold(_Strict):
+    filter: str
+    comparison: Literal[
+        "COMPARISON_GT", "COMPARISON_GE", "COMPARISON_LT", "COMPARISON_LE", "COMPARISON_EQ", "COMPARISON_NE"
+    ]
+    threshold_value: float = Field(alias="thresholdValue")
+    duration: str = Field(pattern=_DURATION)
+    aggregations: list[Aggregation] = Field(default_factory=list)
+    trigger: Trigger | None = None
+    evaluation_missing_data: (
+        Literal[
+            "EVALUATION_MISSING_DATA_INACTIVE",
+            "EVALUATION_MISSING_DATA_ACTIVE",
+            "EVALUATION_MISSING_DATA_NO_OP",
+        ]
+        | None
+    ) = Field(default=None, alias="evaluationMissingData")
+
+
+class Condition(_Strict):
+    display_name: str = Field(alias="displayName")
+    condition_threshold: MetricThreshold = Field(alias="conditionThreshold")
+
+
+class AlertStrategy(_Strict):
+    auto_close: str | None = Field(default=None, alias="autoClose", pattern=_DURATION)
+
+
+class AlertPolicy(_Strict):
+    display_name: str = Field(alias="displayName")
+    documentation: Documentation | None = None
+    combiner: Literal["AND", "OR", "AND_WITH_MATCHING_RESOURCE"]
+    conditions: list[Condition] = Field(min_length=1, max_length=6)
+    alert_strategy: AlertStrategy | None = Field(default=None, alias="alertStrategy")
+    severity: Literal["CRITICAL", "ERROR", "WARNING"] | None = None
+    enabled: bool = True
+    notification_channels: list[str] = Field(default_factory=list, alias="notificationChannels")
+    user_labels: dict[str, str] = Field(default_factory=dict, alias="userLabels")

@@ -5,7 +5,9 @@
 2. Every ``deploy/jobs/<env>.yaml`` against the Cloud Run v1 Job resource, and against its manifest
    (job name, MIGRATE_ENV, one Cloud SQL socket per instance, no retries).
 3. ``cloudbuild.yaml`` and ``deploy/cloudbuild-release.yaml``: fields, substitutions declared and used,
-   the files their steps run, and ``bash -n`` of each script after substitution.
+   the files their steps run, and ``bash -n`` of each script after substitution. The failed-run
+   log-based metric and alert policy of ``deploy/monitoring/`` against the LogMetric and AlertPolicy
+   resources, the statuses and fields run.summary really has, and each other.
 4. The image's filesystem, rebuilt the way the Dockerfile builds it: a build context filtered by
    .dockerignore, the builder stage's COPY and RUN instructions (the same ``uv sync``) replayed in a
    temporary root, the runtime stage's copy; then ``migrate-job --help``, ``heads`` for each bundled
@@ -32,14 +34,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from devtools import dockerfile
-from devtools.deploy_schema import Build, Job, substitute, substitution_problems
+from devtools import dockerfile, jobfixture
+from devtools.deploy_schema import AlertPolicy, Build, Job, LogMetric, substitute, substitution_problems
 from devtools.pgserver import acquire_server
-from devtools.secretmanager_emulator import SecretManagerEmulator
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = {".venv", "job", "services", "deploy/environments"}
-PASSWORD = "Image ch&ck (p@ss) w0rd's %s"
 PROJECT = "image-check"
 
 
@@ -186,6 +186,118 @@ def build_problems(path: Path, repo: Path) -> list[str]:
             if not (repo / word).is_file():
                 problems.append(f"step {step.id}: {word} does not exist")
     return problems
+
+
+# ---- 3b. Monitoring: the failed-run metric and its alert ------------------------------------
+
+METRIC_FILE = "deploy/monitoring/failed-runs-metric.yaml"
+ALERT_FILE = "deploy/monitoring/failed-runs-alert.yaml"
+# run.summary's own fields that a metric may extract (see job/report.py).
+SUMMARY_FIELDS = {"status", "exit_code", "command"}
+# The labels of Cloud Monitoring's cloud_run_job monitored resource.
+RESOURCE_LABELS = {"project_id", "location", "job_name"}
+# Aligners that turn a DELTA INT64 count into a number of runs per period.
+COUNT_ALIGNERS = {"ALIGN_SUM", "ALIGN_COUNT", "ALIGN_DELTA"}
+_STATUS = re.compile(r'jsonPayload\.status\s*=\s*(\([^)]*\)|"[^"]*")')
+_EXTRACTOR = re.compile(r"^(?:EXTRACT|REGEXP_EXTRACT)\(\s*([\w.]+)")
+_TEMPLATE = re.compile(r"\$\{(metric|resource)\.label\.(\w+)\}")
+
+
+def run_statuses() -> set[str]:
+    """Return every status run.summary can carry, from the job's own mapping of exit codes."""
+    from job.report import run_status
+
+    return {run_status(code) for code in range(256)}
+
+
+def metric_problems(path: Path) -> tuple[LogMetric, list[str]]:
+    """Return the log-based metric and what is wrong with it for counting failed runs."""
+    try:
+        metric = LogMetric.model_validate(load_yaml(path))
+    except ValidationError as exc:
+        raise _validation(path, exc) from None
+    problems = []
+    for needed in ('resource.type="cloud_run_job"', 'jsonPayload.event="run.summary"'):
+        if needed not in metric.filter:
+            problems.append(f"filter must have {needed}")
+    found = _STATUS.search(metric.filter)
+    statuses = set(re.findall(r'"([^"]*)"', found.group(1))) if found else set()
+    if "failed" not in statuses:
+        problems.append('filter must select jsonPayload.status="failed"')
+    for status in sorted(statuses - run_statuses()):
+        problems.append(
+            f"filter selects status {status!r}, which run.summary never has ({sorted(run_statuses())})"
+        )
+    kind = metric.metric_descriptor
+    if (kind.metric_kind, kind.value_type) != ("DELTA", "INT64"):
+        problems.append("metricDescriptor must be DELTA INT64: a count of runs")
+    declared = {label.key for label in kind.labels}
+    if set(metric.label_extractors) != declared:
+        problems.append(
+            f"labelExtractors {sorted(metric.label_extractors)} must match the labels {sorted(declared)}"
+        )
+    for key, extractor in metric.label_extractors.items():
+        source = _EXTRACTOR.match(extractor)
+        field = source.group(1) if source else ""
+        if field.startswith("jsonPayload.") and field.removeprefix("jsonPayload.") not in SUMMARY_FIELDS:
+            problems.append(f"label {key} extracts {field}, which run.summary does not have")
+        elif not source:
+            problems.append(f"label {key}: {extractor!r} is not EXTRACT(...) or REGEXP_EXTRACT(...)")
+    return metric, problems
+
+
+def alert_problems(path: Path, metric: LogMetric) -> list[str]:
+    """Return what is wrong with the alert policy: it must fire on the first failed run."""
+    try:
+        policy = AlertPolicy.model_validate(load_yaml(path))
+    except ValidationError as exc:
+        raise _validation(path, exc) from None
+    labels = {label.key for label in metric.metric_descriptor.labels}
+    problems = []
+    for condition in policy.conditions:
+        threshold = condition.condition_threshold
+        wanted = f'metric.type="logging.googleapis.com/user/{metric.name}"'
+        if wanted not in threshold.filter:
+            problems.append(f"condition {condition.display_name!r}: filter must have {wanted}")
+        fires_on_one = (threshold.comparison == "COMPARISON_GT" and threshold.threshold_value < 1) or (
+            threshold.comparison == "COMPARISON_GE" and threshold.threshold_value <= 1
+        )
+        if not fires_on_one:
+            problems.append(f"condition {condition.display_name!r} must fire on one failed run (> 0)")
+        for aggregation in threshold.aggregations:
+            if aggregation.per_series_aligner not in COUNT_ALIGNERS:
+                problems.append(
+                    f"perSeriesAligner {aggregation.per_series_aligner}: use one of {sorted(COUNT_ALIGNERS)}"
+                )
+            problems += _label_problems(aggregation.group_by_fields, labels)
+    if policy.documentation is not None:
+        text = policy.documentation.content + (policy.documentation.subject or "")
+        used = [f"{kind}.label.{name}" for kind, name in _TEMPLATE.findall(text)]
+        problems += [f"documentation: {p}" for p in _label_problems(used, labels)]
+    return problems
+
+
+def _label_problems(fields: list[str], metric_labels: set[str]) -> list[str]:
+    """Return the metric.label.X and resource.label.X references that name no label."""
+    problems = []
+    for field in fields:
+        kind, _, name = field.partition(".label.")
+        known = metric_labels if kind == "metric" else RESOURCE_LABELS if kind == "resource" else set()
+        if name not in known:
+            problems.append(f"{field} names no label of the metric or of the cloud_run_job resource")
+    return problems
+
+
+def monitoring_problems(repo: Path) -> list[str]:
+    """Return the findings of the failed-run metric and alert policy files."""
+    metric_path, alert_path = repo / METRIC_FILE, repo / ALERT_FILE
+    missing = [shown(p) for p in (metric_path, alert_path) if not p.is_file()]
+    if missing:
+        return [f"{m} is missing: operators would not be told when a migration fails" for m in missing]
+    metric, problems = metric_problems(metric_path)
+    return [f"{METRIC_FILE}: {p}" for p in problems] + [
+        f"{ALERT_FILE}: {p}" for p in alert_problems(alert_path, metric)
+    ]
 
 
 # ---- 4. The image's filesystem --------------------------------------------------------------
@@ -364,40 +476,21 @@ def smoke(root: Path, env: dict[str, str], repo: Path) -> None:
 def _smoke_upgrade(job: Any, tmp: Path) -> None:
     """Upgrade three fresh databases (one per service) from the image, twice; check the summaries."""
     server = acquire_server()
-    sockets = tmp / "cloudsql"
-    instance = f"{PROJECT}:us-central1:image-check"
-    services = {"settlement": "ic_settlement", "risk-engine": "ic_risk_engine", "compliance": "ic_compliance"}
     try:
-        for name in services.values():
-            server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        server.execute("DROP ROLE IF EXISTS ic_migrator")
-        server.create_role("ic_migrator", PASSWORD)
-        for name in services.values():
-            server.create_database(name, owner="ic_migrator")
-        with SecretManagerEmulator(secrets={PROJECT: {"ic-db-password": PASSWORD}}) as emulator:
-            where = _where(server, sockets, instance)
-            entries = "".join(
-                f'[[databases]]\nservice = "{svc}"\ndatabase = "{db}"\n{where}'
-                f'user = "ic_migrator"\npassword = "secretmanager://ic-db-password"\n\n'
-                for svc, db in services.items()
-            )
+        entries = jobfixture.named_entries("ic", PROJECT)
+        with jobfixture.databases(server, PROJECT, entries) as fixture:
+            where = _where(server, tmp / "cloudsql", entries[0].instance)
             manifest = tmp / "image-check.toml"
-            manifest.write_text(f'project = "{PROJECT}"\n\n{entries}')
+            manifest.write_text(fixture.manifest(where))
             extra = {
                 "MIGRATE_MANIFEST": str(manifest),
-                "MIGRATE_SOCKET_DIR": str(sockets),
-                "MIGRATE_SECRET_MANAGER_ENDPOINT": emulator.endpoint,
-                "CLOUD_RUN_JOB": "migrate-job-check",
-                "CLOUD_RUN_EXECUTION": "migrate-job-check-abc12",
-                "CLOUD_RUN_TASK_INDEX": "0",
-                "CLOUD_RUN_TASK_COUNT": "1",
+                "MIGRATE_SOCKET_DIR": str(tmp / "cloudsql"),
+                "MIGRATE_SECRET_MANAGER_ENDPOINT": fixture.emulator.endpoint,
+                **jobfixture.CLOUD_RUN,
             }
             for attempt, applied in (("first", True), ("second", False)):
                 _expect_success(job(extra=extra), attempt, applied)
     finally:
-        for name in services.values():
-            server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        server.execute("DROP ROLE IF EXISTS ic_migrator")
         if server.kind != "env":
             server.stop()
     say(
@@ -410,28 +503,21 @@ def _where(server: Any, sockets: Path, instance: str) -> str:
     """Return the manifest lines that reach the server: a Cloud SQL-shaped socket, else TCP."""
     if server.socket_dir is None:
         return f'host = "{server.host}"\nport = {server.port}\n'
-    server.cloudsql_dir(sockets, [instance])
+    jobfixture.cloudsql_sockets(server, sockets, [instance])
     return f'instance = "{instance}"\n'
 
 
 def _expect_success(result: subprocess.CompletedProcess[str], attempt: str, applied: bool) -> None:
     """Raise unless the run exited 0 with a complete summary and no password in its output."""
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
+    if result.returncode != 0 or not result.stdout.strip():
         raise CheckFailed(
             f"{attempt} upgrade from the image exited {result.returncode}:\n{result.stdout}{result.stderr}"
         )
-    summary = json.loads(lines[-1])
-    if summary.get("event") != "run.summary" or summary.get("status") != "succeeded":
-        raise CheckFailed(f"{attempt} upgrade: unexpected summary {lines[-1]}")
-    if any(bool(db["applied"]) != applied for db in summary["databases"]):
-        raise CheckFailed(
-            f"{attempt} upgrade: applied lists {[db['applied'] for db in summary['databases']]}"
-        )
-    labels = summary.get("logging.googleapis.com/labels", {})
-    if labels.get("execution") != "migrate-job-check-abc12":
-        raise CheckFailed(f"{attempt} upgrade: the Cloud Run execution is not in the labels: {labels}")
-    if PASSWORD in result.stdout + result.stderr:
+    execution = jobfixture.CLOUD_RUN["CLOUD_RUN_EXECUTION"]
+    problems = jobfixture.summary_problems(result.stdout, applied=applied, execution=execution)
+    if problems:
+        raise CheckFailed(f"{attempt} upgrade: " + "; ".join(problems))
+    if jobfixture.PASSWORD in result.stdout + result.stderr:
         raise CheckFailed(f"{attempt} upgrade: the password appears in the output")
 
 
@@ -453,7 +539,7 @@ def static_checks(repo: Path) -> list[str]:
         ]
     for path in (repo / "cloudbuild.yaml", repo / "deploy" / "cloudbuild-release.yaml"):
         problems += [f"{path.relative_to(repo)}: {p}" for p in build_problems(path, repo)]
-    return problems
+    return problems + monitoring_problems(repo)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = static_checks(repo)
         if problems:
             raise CheckFailed("\n".join(problems))
-        say("static", "hadolint, Dockerfile rules, job YAMLs, Cloud Build configs: clean")
+        say("static", "hadolint, Dockerfile rules, job YAMLs, Cloud Build configs, alerting: clean")
         if not args.static:
             with image_root(repo, keep=args.keep) as (root, env):
                 tree = tree_problems(root)
