@@ -22,6 +22,7 @@ from typing import Any
 from devtools import jobfixture, podman
 from devtools.checklist import CheckFailed, Session
 from devtools.cloudrun_sim import Blocker, CloudRunTask, Outcome
+from devtools.metadata_server import MetadataServer
 from devtools.pgserver import start_local_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,8 +50,12 @@ def stage(image: str) -> Iterator[Stage]:
     tmp.chmod(0o755)
     server = start_local_server()
     entries = jobfixture.manifest_entries(REPO / "deploy" / "environments" / "local.toml")
+    account = jobfixture.service_account(PROJECT)
     try:
-        with jobfixture.databases(server, PROJECT, entries) as fixture:
+        with (
+            jobfixture.databases(server, PROJECT, entries) as fixture,
+            MetadataServer(email=account, project=PROJECT, token=jobfixture.TOKEN) as metadata,
+        ):
             sockets = jobfixture.cloudsql_sockets(
                 server, tmp / "cloudsql", sorted({e.instance for e in entries}), hard=True
             )
@@ -58,6 +63,9 @@ def stage(image: str) -> Iterator[Stage]:
             config.mkdir(mode=0o755)
             write_manifests(config, fixture)
             task = CloudRunTask(image, sockets, config, fixture.emulator.endpoint)
+            # The IAM entry's token comes from the fake metadata server, over host networking as
+            # the emulator; no gcloud configuration exists in the image.
+            task.env.update(metadata.environment(Path("/nonexistent-gcloud-config")))
             try:
                 yield Stage(fixture, task, tmp)
             finally:
@@ -127,7 +135,7 @@ def help_startup(task: CloudRunTask, session: Session) -> str:
 
 
 def first_upgrade(staged: Stage, session: Session) -> str:
-    """Upgrade the three databases; check the summary, every line, and each database's revision."""
+    """Upgrade the three databases; check the summary, every line, each database's revision, IAM."""
     outcome = staged.task.run(measure=True)
     session.outputs.append(outcome.stdout + outcome.stderr)
     expect(outcome, 0, "upgrade")
@@ -138,6 +146,7 @@ def first_upgrade(staged: Stage, session: Session) -> str:
         found = staged.fixture.revision(db["database"])
         if found is None or found != db["to_revision"]:
             problems.append(f"{db['database']} is at {found}, the summary says {db['to_revision']}")
+    problems += iam_problems(staged.fixture, outcome)
     if problems:
         raise CheckFailed("\n".join(problems))
     session.figures["peak_memory_mib"] = {
@@ -146,7 +155,28 @@ def first_upgrade(staged: Stage, session: Session) -> str:
     }
     applied = sum(len(db["applied"]) for db in summary["databases"])
     lines = len(outcome.stdout.splitlines())
-    return f"{applied} revisions on 3 databases, {lines} JSON lines, {outcome.seconds:.1f} s"
+    iam = sum(e.auth == "iam" for e in staged.fixture.entries)
+    return (
+        f"{applied} revisions on 3 databases ({iam} by IAM login, as its owner role), {lines} JSON lines, "
+        f"{outcome.seconds:.1f} s"
+    )
+
+
+def iam_problems(fixture: jobfixture.Databases, outcome: Outcome) -> list[str]:
+    """Return what is wrong with the IAM entries: the identity logged, the owner of their tables."""
+    problems = []
+    for entry in (e for e in fixture.entries if e.auth == "iam"):
+        if not any(
+            json.loads(line).get("event") == "auth.iam" and json.loads(line).get("user") == entry.user
+            for line in outcome.stdout.splitlines()
+        ):
+            problems.append(f"no auth.iam line for {entry.database}'s login {entry.user}")
+        owners = fixture.server.fetch(
+            "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'", database=entry.database
+        )
+        if entry.owner and [r["tableowner"] for r in owners] != [entry.owner]:
+            problems.append(f"{entry.database}'s tables belong to {owners}, not to {entry.owner}")
+    return problems
 
 
 def _mib(value: int | None) -> float | None:
@@ -273,7 +303,11 @@ def no_password(session: Session) -> str:
     joined = "\n".join(session.outputs)
     found = [
         name
-        for name, value in (("the password", jobfixture.PASSWORD), ("the wrong one", WRONG_PASSWORD))
+        for name, value in (
+            ("the password", jobfixture.PASSWORD),
+            ("the wrong one", WRONG_PASSWORD),
+            ("the IAM token", jobfixture.TOKEN),
+        )
         if value in joined
     ]
     if found:

@@ -92,7 +92,7 @@ def build_command(base: str, revision: str, target: str | None, tag: str) -> lis
 
 def hygiene_checks(session: Session) -> None:
     """Check the image's user, files, layers, configuration and history."""
-    forbidden = [jobfixture.PASSWORD, image_runs.WRONG_PASSWORD]
+    forbidden = [jobfixture.PASSWORD, image_runs.WRONG_PASSWORD, jobfixture.TOKEN]
     session.check("runs as a non-root user", lambda: none(image_hygiene.user_problems(IMAGE)))
     with mounted(IMAGE) as root:
         session.check(

@@ -21,6 +21,8 @@ from devtools.pgserver import PgServer
 from devtools.secretmanager_emulator import SecretManagerEmulator
 
 PASSWORD = "Image ch&ck (p@ss) w0rd's %s"
+# The access token the fake metadata server hands an IAM entry's login (devtools/metadata_server.py).
+TOKEN = "ya29.image-test-iam-token-from-the-fake-metadata-server"
 SERVICES = ("settlement", "risk-engine", "compliance")
 SECRET = "jobfixture-db-password"
 SOCKET_NAME = ".s.PGSQL.5432"
@@ -36,13 +38,24 @@ CLOUD_RUN = {
 
 @dataclass(frozen=True)
 class Entry:
-    """One database of a manifest: its service, name, login role, secret and Cloud SQL instance."""
+    """One database of a manifest: its service, name, login role, secret and Cloud SQL instance.
+
+    An IAM entry (auth = "iam") has no secret: its login is the service account's database user,
+    whose password is the metadata server's token, and what it creates belongs to its owner role.
+    """
 
     service: str
     database: str
     user: str
     secret: str
     instance: str
+    auth: str = "password"
+    owner: str | None = None
+
+
+def service_account(project: str) -> str:
+    """Return the job's service account in a project (the fake metadata server's identity)."""
+    return f"migrate-job@{project}.iam.gserviceaccount.com"
 
 
 def named_entries(prefix: str, project: str) -> list[Entry]:
@@ -56,15 +69,19 @@ def named_entries(prefix: str, project: str) -> list[Entry]:
 
 def manifest_entries(path: Path) -> list[Entry]:
     """Return the databases of a shipped manifest (instances and short secretmanager:// references)."""
+    raw = tomllib.loads(path.read_text())
+    iam_user = service_account(raw["project"]).removesuffix(".gserviceaccount.com")
     return [
-        Entry(
+        Entry(e["service"], e["database"], e.get("user", iam_user), "", e["instance"], "iam", e.get("owner"))
+        if e.get("auth") == "iam"
+        else Entry(
             e["service"],
             e["database"],
             e["user"],
             e["password"].removeprefix("secretmanager://"),
             e["instance"],
         )
-        for e in tomllib.loads(path.read_text())["databases"]
+        for e in raw["databases"]
     ]
 
 
@@ -87,7 +104,7 @@ class Databases:
 
     def set_secrets(self, value: str | None) -> None:
         """Store value as every fixture secret (None: a secret with no version, which cannot be read)."""
-        for secret in {e.secret for e in self.entries}:
+        for secret in {e.secret for e in self.entries if e.auth == "password"}:
             self.emulator.add_secret(self.project, secret, value)
 
     def revision(self, database: str) -> str | None:
@@ -106,10 +123,14 @@ def databases(server: PgServer, project: str, entries: list[Entry]) -> Iterator[
     fixture.set_secrets(PASSWORD)
     try:
         drop(fixture)
-        for role in sorted({e.user for e in entries}):
-            server.create_role(role, PASSWORD)
         for entry in entries:
-            server.create_database(entry.database, owner=entry.user)
+            server.create_role(entry.user, TOKEN if entry.auth == "iam" else PASSWORD)
+        for owner in sorted({e.owner for e in entries if e.owner}):
+            server.create_role(owner, PASSWORD + " owner")  # nobody logs in as an owner role
+        for entry in entries:
+            if entry.owner:
+                server.execute(f'GRANT "{entry.owner}" TO "{entry.user}"')
+            server.create_database(entry.database, owner=entry.owner or entry.user)
         with fixture.emulator:
             yield fixture
     finally:
@@ -120,7 +141,7 @@ def drop(fixture: Databases, extra: tuple[str, ...] = ()) -> None:
     """Drop the fixture's databases (and any extra ones) and its roles, if they exist."""
     for name in (*(e.database for e in fixture.entries), *extra):
         fixture.server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    for role in sorted({e.user for e in fixture.entries}):
+    for role in sorted({e.user for e in fixture.entries} | {e.owner for e in fixture.entries if e.owner}):
         fixture.server.execute(f'DROP ROLE IF EXISTS "{role}"')
 
 
