@@ -57,7 +57,7 @@ def create_sql(schema: str | None) -> str:
     direction text NOT NULL CHECK (direction IN ('up', 'down', 'stamp', 'acknowledge')),
     checksum text,
     recorded_at timestamptz NOT NULL DEFAULT now(),
-    recorded_by text NOT NULL DEFAULT current_user,
+    recorded_by text NOT NULL DEFAULT session_user,
     execution text,
     task_index integer,
     image text,
@@ -67,8 +67,12 @@ def create_sql(schema: str | None) -> str:
 
 
 def insert_sql(schema: str | None, placeholders: Sequence[str]) -> str:
-    """Return the INSERT of one history row, with the given placeholder for each of COLUMNS."""
-    return f"INSERT INTO {table_name(schema)} ({', '.join(COLUMNS)}) VALUES ({', '.join(placeholders)})"
+    """Return the INSERT of one history row, with the given placeholder for each of COLUMNS.
+
+    recorded_by is the login (session_user), not the owner role a manifest entry may SET ROLE to.
+    """
+    columns, values = ", ".join(COLUMNS), ", ".join(placeholders)
+    return f"INSERT INTO {table_name(schema)} ({columns}, recorded_by) VALUES ({values}, session_user)"
 
 
 def row(service: str, revision: str, direction: str, digest: str | None, who: Identity) -> dict[str, Any]:

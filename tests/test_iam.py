@@ -72,6 +72,11 @@ def test_iam_entries_migrate_as_the_owner_with_a_token_and_no_secret(
     for database in (listed, discovered):
         assert database.version() == [SETTLEMENT_HEAD]
         assert set(database.owners().values()) == {database.role}, database.owners()
+        # The audit trail names who logged in, not the role the tables were created as.
+        recorded = database.pg.fetch(
+            "SELECT DISTINCT recorded_by FROM migrate_job_history", database=database.name
+        )
+        assert [r["recorded_by"] for r in recorded] == [IAM_USER], recorded
     [identity] = result.events("auth.iam")
     assert (identity["identity"], identity["user"]) == (SERVICE_ACCOUNT, IAM_USER)
     tokens = metadata.token_requests()
