@@ -345,47 +345,37 @@ def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
             database=target.database,
         )
     step = execution.running
-    outside = _outside_transaction(execution.service, step.revision)
-    if outside == "job.ops":
-        # The helpers commit their steps as they go and check the catalog before each: running
-        # the revision again picks up where it stopped, so a lock timeout stays retryable.
-        return MigrationFailed(
-            f"migration {step.revision} ({step.message}) failed on database {target.database} of "
-            f"service {target.service}: {reason}; its transaction rolled back, and any step its job.ops "
-            "helpers committed on their own stays",
-            hint=f"the database stays at {stays}; fix the cause and run again: the job.ops helpers pick up "
-            "where they stopped (an INVALID index left by a killed build is dropped and built again)",
-            service=target.service,
-            database=target.database,
-            revision=step.revision,
-            at_revision=stays,
-            sqlstate=sqlstate(exc),
-        )
-    if outside == "autocommit_block":
-        # Work done in autocommit_block() is not undone: a failed CREATE INDEX CONCURRENTLY
-        # leaves an INVALID index, and running the revision again would fail on it.
-        return MigrationFailed(
-            f"migration {step.revision} ({step.message}) failed on database {target.database} of "
-            f"service {target.service}: {reason}; it runs outside a transaction (autocommit_block), "
-            "so part of it may have been done",
-            hint=f"the database stays at {stays}; look for INVALID indexes (SELECT indexrelid::regclass "
-            "FROM pg_index WHERE NOT indisvalid), drop them with DROP INDEX CONCURRENTLY, then run again",
-            service=target.service,
-            database=target.database,
-            revision=step.revision,
-            at_revision=stays,
-            sqlstate=sqlstate(exc),
-            retryable=False,
-        )
+    # What stays after the failure, and what to do, by how the revision treats its transaction.
+    outcomes = {
+        # The helpers commit their steps as they go and check the catalog before each: running the
+        # revision again picks up where it stopped, so a lock timeout stays retryable.
+        "job.ops": (
+            "its transaction rolled back, and any step its job.ops helpers committed on their own stays",
+            "fix the cause and run again: the job.ops helpers pick up where they stopped (an INVALID "
+            "index left by a killed build is dropped and built again)",
+            True,
+        ),
+        # Work done in autocommit_block() is not undone: a failed CREATE INDEX CONCURRENTLY leaves an
+        # INVALID index, and running the revision again would fail on it.
+        "autocommit_block": (
+            "it runs outside a transaction (autocommit_block), so part of it may have been done",
+            "look for INVALID indexes (SELECT indexrelid::regclass FROM pg_index WHERE NOT indisvalid), "
+            "drop them with DROP INDEX CONCURRENTLY, then run again",
+            False,
+        ),
+        None: ("its transaction rolled back", "fix the migration in a new image and run again", True),
+    }
+    stayed, todo, retryable = outcomes[_outside_transaction(execution.service, step.revision)]
     return MigrationFailed(
         f"migration {step.revision} ({step.message}) failed on database {target.database} of "
-        f"service {target.service}: {reason}; its transaction rolled back",
-        hint=f"the database stays at {stays}; fix the migration in a new image and run again",
+        f"service {target.service}: {reason}; {stayed}",
+        hint=f"the database stays at {stays}; {todo}",
         service=target.service,
         database=target.database,
         revision=step.revision,
         at_revision=stays,
         sqlstate=sqlstate(exc),
+        **({} if retryable else {"retryable": False}),
     )
 
 
