@@ -94,6 +94,9 @@ class LockedStream:
         self.pending += text
         if "\n" in self.pending:
             lines, _, self.pending = self.pending.rpartition("\n")
+            if logs.current_setup()[0] == "text" and self.stream.isatty():
+                # On a terminal, the parent's progress line may stand where this line goes.
+                lines = logs.ERASE + lines
             with self.lock:
                 self.stream.write(lines + "\n")
                 self.stream.flush()

@@ -1,12 +1,15 @@
-"""Canary waves, and going on past a tenant's failure (on_failure = "continue").
+"""Canary waves, going on past a tenant's failure (on_failure = "continue"), and run.progress.
 
 A fleet of tenant databases is upgraded in one run: a canary proves a release on a few of them
-before the rest are touched, and one broken tenant must not hold the other hundreds back. Real
-PostgreSQL, the job as a process.
+before the rest are touched, one broken tenant must not hold the other hundreds back, and a long
+run says how far it is. Real PostgreSQL, the job as a process.
 """
 
 from __future__ import annotations
 
+import io
+import itertools
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 import pytest
 
 from devtools.pgserver import PgServer
+from job import logs
 from job.errors import ConfigError, ConnectError, MigrationFailed
 from job.failures import Failures
 from job.manifest import DatabaseEntry, parse_manifest
@@ -250,3 +254,75 @@ def test_wave_keys_are_checked(extra: dict[str, Any], message: str) -> None:
     }
     with pytest.raises(ConfigError, match=message):
         parse_manifest(raw, {"s"}, path=Path("m.toml"))
+
+
+# ---- progress -------------------------------------------------------------------------------
+
+
+def test_progress_is_logged_at_the_interval_with_counts(
+    fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    group = fleet("sleepy", 3)
+    env = env_for(job_env, tmp_path, [block(group)], MIGRATE_PROGRESS_S="0.2")
+    # Two revisions of 0.3 s each: about 0.6 s a database.
+    run = run_job("upgrade", "--to", "5eee00000002", env=env)
+    assert run.code == 0, run.stdout[-3000:]
+    progress = run.events("run.progress")
+    assert len(progress) >= 5, progress
+    finished = 0
+    for line in run.lines:
+        if line.get("event") == "db.done":
+            finished += 1
+        elif line.get("event") == "run.progress":
+            assert (line["done"], line["failed"], line["left"], line["total"]) == (
+                finished,
+                0,
+                3 - finished,
+                3,
+            )
+    steps = [b["elapsed_s"] - a["elapsed_s"] for a, b in itertools.pairwise(progress)]
+    assert all(0.1 <= s <= 0.6 for s in steps), steps
+    assert any(p["done"] and p["eta_s"] is not None and p["rate"] > 0 for p in progress)
+
+
+def test_one_database_logs_no_progress(
+    fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    group = fleet("sleepy", 1)
+    env = env_for(job_env, tmp_path, [block(group)], MIGRATE_PROGRESS_S="0.1")
+    run = run_job("upgrade", "--to", "5eee00000001", env=env)
+    assert run.code == 0 and run.events("run.progress") == []
+
+
+class Terminal(io.StringIO):
+    """A text stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        """Return True, as a TTY would."""
+        return True
+
+
+def test_on_a_terminal_progress_is_one_line_updated_in_place() -> None:
+    terminal = Terminal()
+    try:
+        logs.setup("text", stream=terminal)
+        logs.progress("run.progress", "1/3 databases")
+        logs.progress("run.progress", "2/3 databases")
+        logs.event("db.done", "settlement/t: applied")
+    finally:
+        logs.setup("json")
+    out = terminal.getvalue()
+    assert out.count("\n") == 1 and out.endswith("\n")
+    assert out.count(logs.ERASE) == 3 and "2/3 databases" in out
+
+
+def test_json_progress_is_one_object_per_line() -> None:
+    stream = io.StringIO()
+    try:
+        logs.setup("json", stream=stream)
+        logs.progress("run.progress", "1/3 databases", done=1)
+    finally:
+        logs.setup("json")
+
+    (line,) = stream.getvalue().splitlines()
+    assert json.loads(line)["event"] == "run.progress" and json.loads(line)["done"] == 1

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from job import logs, recorder
+from job import logs, progress, recorder
 from job.errors import ConfigError
 from job.failures import Failures
 from job.inspection import inspect_all, with_history
@@ -119,7 +119,8 @@ async def _change(
     # Only when there is work for several: a no-op run must not pay for starting workers.
     pool = pool or pool_for(run, len(work))
     try:
-        await apply_waves(run, inspected, work, failures, pool, canary)
+        async with progress.reporting([r for r, _ in work], run.settings.progress_s):
+            await apply_waves(run, inspected, work, failures, pool, canary)
     finally:
         if pool is not None:
             pool.close()
