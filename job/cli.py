@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.set_defaults(command="upgrade", to="head", check=False, allow_ahead=False)
+    parser.set_defaults(command="upgrade", to="head", check=False, allow_ahead=False, canary=None)
     _add_selectors(parser, default=[])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # On a subcommand, SUPPRESS keeps selectors given before the command name.
@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upgrade", parents=[selectors], help="apply pending migrations (default)")
     up.add_argument("--to", default="head", metavar="REV", help="target revision (default: head)")
     up.add_argument("--allow-ahead", action="store_true", help=ALLOW_AHEAD_HELP)
+    up.add_argument(
+        "--canary",
+        type=_positive,
+        metavar="N",
+        help="migrate the first N databases with work alone, the rest only if all N succeeded "
+        "(instead of the manifest entries' canary)",
+    )
     plan = sub.add_parser("plan", parents=[selectors], help="show what upgrade would apply, read-only")
     plan.add_argument("--to", default="head", metavar="REV", help="target revision (default: head)")
     plan.add_argument("--allow-ahead", action="store_true", help=ALLOW_AHEAD_HELP)
@@ -339,7 +346,9 @@ def _command(args: argparse.Namespace) -> Callable[[Run], Awaitable[None] | None
     from job import commands
 
     table: dict[str, Callable[[Run], Awaitable[None] | None]] = {
-        "upgrade": lambda run: commands.upgrade(run, to=args.to, allow_ahead=args.allow_ahead),
+        "upgrade": lambda run: commands.upgrade(
+            run, to=args.to, allow_ahead=args.allow_ahead, canary=args.canary
+        ),
         "plan": lambda run: commands.plan(run, check=args.check, to=args.to, allow_ahead=args.allow_ahead),
         "current": lambda run: commands.current(run, allow_ahead=args.allow_ahead),
         "downgrade": lambda run: commands.downgrade(run, args.to, yes=args.yes),

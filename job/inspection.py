@@ -23,6 +23,8 @@ from job.run import Run, close, close_raw
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
+    from job.failures import Failures
+
 T = TypeVar("T")
 # How many databases the read-only preflight reads at once (one connection and query each).
 PREFLIGHT_CONCURRENCY = 8
@@ -39,17 +41,23 @@ async def inspect_all(
     direction: Direction = "up",
     check_edits: bool = True,
     on_work: Callable[[], None] | None = None,
+    failures: Failures | None = None,
 ) -> Inspected:
     """Return every selected database's result and planned pass, read before anything changes.
 
     on_work is called as soon as the first database with work is known (to start workers early).
+    With failures, a database whose entry says on_failure = "continue" may fail here alone: it is
+    recorded as failed, left out of the work, and the others go on.
     """
     inspected = _passes(run, destination, quiet, direction, check_edits)
     first: dict[str, Execution] = {}
+    read: set[int] = set()
     for result, execution in inspected:
         if execution.service.name not in first:
-            first[execution.service.name] = execution
-            await _inspect_or_skip(run, result, execution, allow_ahead)
+            read.add(id(execution))
+            # A tolerated failure of a service's first database: the next one is read through env.py.
+            if await _inspect_or_skip(run, result, execution, allow_ahead, failures):
+                first[execution.service.name] = execution
     if on_work is not None and any(e.plan is not None and e.plan.pending for e in first.values()):
         on_work()
     limit = asyncio.Semaphore(PREFLIGHT_CONCURRENCY)
@@ -58,9 +66,9 @@ async def inspect_all(
         async with limit:
             known = first[execution.service.name]
             execution.version_table, execution.version_schema = known.version_table, known.version_schema
-            await _inspect_or_skip(run, result, execution, allow_ahead, quick=True)
+            await _inspect_or_skip(run, result, execution, allow_ahead, failures, quick=True)
 
-    rest = [(r, e) for r, e in inspected if first[e.service.name] is not e]
+    rest = [(r, e) for r, e in inspected if id(e) not in read]
     tasks = [asyncio.ensure_future(quick(r, e)) for r, e in rest]
     try:
         # The first failure in manifest order is the one reported, whatever finished first.
@@ -70,7 +78,7 @@ async def inspect_all(
             task.cancel()
     for outcome in results:
         if isinstance(outcome, BaseException):
-            raise outcome
+            raise (failures.error() if failures is not None and failures.own(outcome) else None) or outcome
     return inspected
 
 
@@ -95,14 +103,23 @@ def _passes(run: Run, destination: str, quiet: bool, direction: Direction, check
 
 
 async def _inspect_or_skip(
-    run: Run, result: DatabaseResult, execution: Execution, allow_ahead: bool, *, quick: bool = False
-) -> None:
-    """Inspect one database; with allow_ahead, mark one at an unknown revision as skipped."""
+    run: Run,
+    result: DatabaseResult,
+    execution: Execution,
+    allow_ahead: bool,
+    failures: Failures | None,
+    *,
+    quick: bool = False,
+) -> bool:
+    """Inspect one database; return False if it failed and the run goes on without it.
+
+    With allow_ahead, a database at an unknown revision is marked ahead (skipped), not failed.
+    """
     try:
         await (_inspect_quick if quick else _inspect)(run, result, execution)
     except HistoryError as exc:
         if not (allow_ahead and exc.revision and exc.context.get("unknown_revision")):
-            raise
+            return _tolerated(result, execution, exc, failures)
         result.status, result.from_revision, result.error = "ahead", exc.revision, exc.message
         logs.event(
             "db.ahead",
@@ -111,6 +128,21 @@ async def _inspect_or_skip(
             revision=exc.revision,
             **execution.target.fields(),
         )
+    except MigrateJobError as exc:
+        return _tolerated(result, execution, exc, failures)
+    return True
+
+
+def _tolerated(
+    result: DatabaseResult, execution: Execution, exc: MigrateJobError, failures: Failures | None
+) -> bool:
+    """Return False if the manifest lets the run go on without this database; else raise exc."""
+    if failures is None or not failures.own(exc) or not failures.record(execution.target.entry, exc):
+        raise exc
+    result.status, result.error = "failed", result.error or exc.message
+    # No plan: the database is left out of the work, and its result stays failed.
+    execution.plan = None
+    return False
 
 
 async def _failing(result: DatabaseResult, opening: Awaitable[T]) -> T:

@@ -32,6 +32,10 @@ _in_scope: contextvars.ContextVar[bool] = contextvars.ContextVar("migrate_job_in
 _secrets: set[str] = set()
 _setup: tuple[str, dict[str, str]] = ("json", {})
 MASK = "***"
+# Erases the current terminal line (carriage return, then ANSI "erase to end of line").
+ERASE = "\r\x1b[K"
+# The terminal's updating progress line, while one is shown (text format on a TTY only).
+_status: dict[str, Any] = {"shown": False, "stream": None}
 
 
 def redact(value: str) -> None:
@@ -123,6 +127,25 @@ def event(
     _logger.log(level, message, extra={"json_fields": payload}, stacklevel=2)
 
 
+def progress(name: str, message: str, **fields: Any) -> None:
+    """Log a progress event: on a terminal (text format), one line updated in place; else a line."""
+    stream = _status["stream"]
+    if _setup[0] != "text" or stream is None or not stream.isatty():
+        event(name, message, **fields)
+        return
+    stream.write(f"{ERASE}{time.strftime('%H:%M:%S')} {'PROGRESS':<7} {scrub(message)}")
+    stream.flush()
+    _status["shown"] = True
+
+
+def end_progress() -> None:
+    """Erase the terminal's progress line, if one is shown."""
+    if _status["shown"] and _status["stream"] is not None:
+        _status["stream"].write(ERASE)
+        _status["stream"].flush()
+        _status["shown"] = False
+
+
 class _Scrubbing(logging.Handler):
     """Mixin behaviour: mask secrets in whatever the wrapped handler formats."""
 
@@ -182,7 +205,12 @@ def _short(value: Any) -> str:
 
 
 class _TextHandler(_Scrubbing, logging.StreamHandler):  # type: ignore[type-arg]
-    """StreamHandler with secret masking."""
+    """StreamHandler with secret masking, that first erases a terminal's progress line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the record on a line of its own (the progress line is drawn again at its next tick)."""
+        end_progress()
+        super().emit(record)
 
 
 def setup(fmt: str, *, labels: Mapping[str, str] | None = None, stream: TextIO | None = None) -> str:
@@ -196,6 +224,7 @@ def setup(fmt: str, *, labels: Mapping[str, str] | None = None, stream: TextIO |
     else:
         handler = _TextHandler(stream)
         handler.setFormatter(TextFormatter())
+        _status.update(shown=False, stream=handler.stream)
     handler.addFilter(_LibraryEvent())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -7,7 +7,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from job.errors import ConfigError
 from job.secrets import SecretRef, parse_reference
@@ -48,12 +48,25 @@ class DatabaseEntry(BaseModel):
     # times and for at most this long in all.
     lock_retries: int = Field(default=5, ge=0, le=100)
     lock_retry_s: float = Field(default=120.0, ge=0)
+    # Migrate the entry's first N databases with work alone; the rest only if they all succeed.
+    canary: int | None = Field(default=None, ge=1)
+    # "continue": a failing database of the entry does not stop the others (tenants), at most
+    # max_failures of them before the run stops anyway.
+    on_failure: Literal["stop", "continue"] = "stop"
+    max_failures: int | None = Field(default=None, ge=1)
+    # Which [[databases]] block of the file the entry came from: a ``databases = [...]`` list
+    # expands to several entries that share their canary and max_failures.
+    _block: int | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _one_way_to_connect(self) -> DatabaseEntry:
         """Require either a whole URL, or user, password and one of instance or host (IAM: no password)."""
         if (self.database is None) == (self.discover is None):
             raise ValueError("give exactly one of database, databases or discover")
+        if self.max_failures is not None and self.on_failure != "continue":
+            raise ValueError(
+                'max_failures needs on_failure = "continue" (with "stop", the first failure stops)'
+            )
         if self.discover is not None and self.url is not None:
             raise ValueError(
                 'discover needs instance or host and a login (user and password, or auth = "iam"), not url'
@@ -86,6 +99,11 @@ class DatabaseEntry(BaseModel):
                 'with auth = "iam", user is the IAM database user\'s name itself (or leave it out: '
                 "the job's service account gives it), not a secret reference"
             )
+
+    @property
+    def block(self) -> int | None:
+        """Return the index of the manifest block the entry came from (None: built in code)."""
+        return self._block
 
     @property
     def label(self) -> str:
@@ -145,25 +163,30 @@ def parse_manifest(raw: dict[str, Any], services: Collection[str], *, path: Path
     """Return the validated manifest for parsed TOML data."""
     if "path" in raw:  # Manifest.path is where the file was read from, not a manifest key
         raise ConfigError(f"manifest {path} is invalid: path: unknown key")
+    expanded, blocks = _expand_lists(raw, path)
     try:
-        manifest = Manifest.model_validate({**raw, "databases": _expand_lists(raw, path), "path": path})
+        manifest = Manifest.model_validate({**raw, "databases": expanded, "path": path})
     except ValidationError as exc:
         raise ConfigError(f"manifest {path} is invalid: {_describe(exc)}") from None
+    for entry, block in zip(manifest.databases, blocks, strict=True):
+        entry._block = block
     _check_services(manifest, services)
     _check_unique(manifest)
     _check_references(manifest)
     return manifest
 
 
-def _expand_lists(raw: dict[str, Any], path: Path) -> Any:
-    """Return the raw entries with each ``databases = [...]`` entry expanded, in list order."""
+def _expand_lists(raw: dict[str, Any], path: Path) -> tuple[Any, list[int]]:
+    """Return the raw entries with each ``databases = [...]`` entry expanded, and each one's block."""
     entries = raw.get("databases")
     if not isinstance(entries, list):
-        return entries
+        return entries, []
     expanded: list[Any] = []
+    blocks: list[int] = []
     for i, entry in enumerate(entries):
         if not (isinstance(entry, dict) and "databases" in entry):
             expanded.append(entry)
+            blocks.append(i)
             continue
         names = entry["databases"]
         if "database" in entry or not isinstance(names, list) or not names:
@@ -174,7 +197,8 @@ def _expand_lists(raw: dict[str, Any], path: Path) -> Any:
             )
         rest = {k: v for k, v in entry.items() if k != "databases"}
         expanded.extend({**rest, "database": name} for name in names)
-    return expanded
+        blocks.extend(i for _ in names)
+    return expanded, blocks
 
 
 def with_entries(manifest: Manifest, entries: list[DatabaseEntry]) -> Manifest:

@@ -12,6 +12,9 @@ if TYPE_CHECKING:
     from job.db import Target
     from job.plan import Plan, Step
 
+# Statuses of a database that did not get where the run was taking it.
+FAILED = frozenset({"failed", "interrupted"})
+
 
 @dataclass
 class DatabaseResult:

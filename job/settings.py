@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text", "auto"] = "auto"
     lock_wait_s: float = Field(default=300.0, ge=0)
     connect_timeout_s: float = Field(default=60.0, gt=0)
+    # A run with work for several databases logs run.progress this often (0: never).
+    progress_s: float = Field(default=10.0, ge=0)
     # Cloud Run does not tell a container which image it runs: the job definition and the image say.
     image: str | None = None
     image_revision: str | None = None

@@ -6,7 +6,8 @@ sequential path does it (lock, re-read, one transaction per revision). Workers c
 server that imported the job once, so starting one costs a fork, not an interpreter. Every log
 line, from the parent or a worker, is written whole under one lock, so stdout stays one JSON
 object per line. The first failure (in manifest order) ends the run: nothing new starts, the
-running databases finish, and the rest are reported as skipped.
+running databases finish, and the rest are reported as skipped; an entry with ``on_failure =
+"continue"`` lets its databases fail alone (job.failures decides).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
     from job.db import Target
     from job.executor import Execution
+    from job.failures import Failures
     from job.manifest import Manifest
     from job.plan import Direction
     from job.recorder import Identity
@@ -92,6 +94,9 @@ class LockedStream:
         self.pending += text
         if "\n" in self.pending:
             lines, _, self.pending = self.pending.rpartition("\n")
+            if logs.current_setup()[0] == "text" and self.stream.isatty():
+                # On a terminal, the parent's progress line may stand where this line goes.
+                lines = logs.ERASE + lines
             with self.lock:
                 self.stream.write(lines + "\n")
                 self.stream.flush()
@@ -245,17 +250,21 @@ class Pool:
             self._signal(signal.SIGKILL)
         self.executor.shutdown(wait=self.used, cancel_futures=True)
 
-    async def apply(self, work: list[tuple[DatabaseResult, Execution]]) -> None:
-        """Apply every database of work, at most size at once; raise the first failure."""
+    async def apply(self, work: list[tuple[DatabaseResult, Execution]], failures: Failures) -> None:
+        """Apply every database of work, at most size at once; raise what stops the run.
+
+        A failure the manifest tolerates (on_failure = "continue") is only recorded in failures;
+        any other stops new work, and the first such failure in manifest order is raised.
+        """
         tasks = [self._task(i, result, execution) for i, (result, execution) in enumerate(work)]
-        self.used = bool(tasks)
+        self.used = self.used or bool(tasks)
         queue = list(reversed(tasks))
         running: dict[asyncio.Future[Outcome], Task] = {}
-        failures: list[Outcome] = []
+        fatal: list[Outcome] = []
         with _parent_lines(self.lock):
             try:
                 while queue or running:
-                    while queue and len(running) < self.size and not failures:
+                    while queue and len(running) < self.size and not failures.stopped:
                         task = queue.pop()
                         running[asyncio.wrap_future(self.executor.submit(apply_one, task))] = task
                     if not running:
@@ -263,14 +272,14 @@ class Pool:
                     done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                     for future in done:
                         del running[future]
-                        failures += self._collect(work, future.result())
+                        fatal += self._collect(work, future.result(), failures)
             except asyncio.CancelledError:
                 await self._stop(work, running)
                 raise
-        if failures:
-            first = min(failures, key=lambda o: o.index)
-            assert first.error is not None
-            raise first.error
+        if fatal:
+            raise min(fatal, key=lambda o: o.index).error  # type: ignore[misc]
+        if failures.stopped:
+            raise failures.error() or RuntimeError("the run stopped without an error")
 
     def _task(self, index: int, result: DatabaseResult, execution: Execution) -> Task:
         """Return the worker's task for one planned database."""
@@ -292,12 +301,17 @@ class Pool:
             history_exists=execution.history_exists,
         )
 
-    def _collect(self, work: list[tuple[DatabaseResult, Execution]], outcome: Outcome) -> list[Outcome]:
-        """Copy a worker's result into the run's report; return it if it failed."""
+    def _collect(
+        self, work: list[tuple[DatabaseResult, Execution]], outcome: Outcome, failures: Failures | None
+    ) -> list[Outcome]:
+        """Copy a worker's result into the run's report; return it if it failed not as a database's own."""
         result, execution = work[outcome.index]
         vars(result).update(vars(outcome.result))
         result.finish(execution.target, "current")
-        return [outcome] if outcome.error is not None else []
+        if outcome.error is None or failures is None:
+            return []
+        failures.record(execution.target.entry, outcome.error)
+        return [] if failures.own(outcome.error) else [outcome]
 
     async def _stop(
         self, work: list[tuple[DatabaseResult, Execution]], running: dict[asyncio.Future[Outcome], Task]
@@ -309,7 +323,7 @@ class Pool:
         done, _ = await asyncio.wait(running, timeout=STOP_GRACE_S)
         for future in done:
             with contextlib.suppress(Exception):
-                self._collect(work, future.result())
+                self._collect(work, future.result(), None)
 
     def _signal(self, signum: int) -> None:
         """Send a signal to every worker process the pool has started."""

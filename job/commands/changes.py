@@ -6,20 +6,27 @@ import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from job import logs, recorder
-from job.applying import apply
+from job import logs, progress, recorder
 from job.errors import ConfigError
-from job.inspection import Inspected, inspect_all, with_history
+from job.failures import Failures
+from job.inspection import inspect_all, with_history
 from job.plan import Direction
 from job.run import Run, confirm
+from job.waves import apply_waves
 
 if TYPE_CHECKING:
     from job.workers import Pool
 
 
-async def upgrade(run: Run, to: str = "head", *, allow_ahead: bool = False) -> None:
-    """Check every selected database, then upgrade each in manifest order, stopping at a failure."""
-    await _change(run, to, "up", allow_ahead=allow_ahead)
+async def upgrade(
+    run: Run, to: str = "head", *, allow_ahead: bool = False, canary: int | None = None
+) -> None:
+    """Check every selected database, then upgrade each in manifest order, stopping at a failure.
+
+    canary: migrate the selection's first N databases with work alone, the rest only if they all
+    succeeded (instead of each manifest entry's own ``canary``).
+    """
+    await _change(run, to, "up", allow_ahead=allow_ahead, canary=canary)
 
 
 async def downgrade(run: Run, to: str, *, yes: bool = False) -> None:
@@ -75,11 +82,14 @@ async def reset(run: Run, *, yes: bool = False) -> None:
     await _change(run, "head", "up")
 
 
-async def _change(run: Run, destination: str, direction: Direction, *, allow_ahead: bool = False) -> None:
-    """Check every selected database, then move each in manifest order, stopping at a failure."""
+async def _change(
+    run: Run, destination: str, direction: Direction, *, allow_ahead: bool = False, canary: int | None = None
+) -> None:
+    """Check every selected database, then move each in manifest order (canary first), as failures allow."""
     from job.workers import pool_for
 
     starting: asyncio.Future[Pool | None] | None = None
+    failures = Failures(run.entries)
 
     def work_found() -> None:
         # Start the workers now, while the rest of the preflight runs. In a thread: starting a
@@ -90,7 +100,12 @@ async def _change(run: Run, destination: str, direction: Direction, *, allow_ahe
 
     try:
         inspected = await inspect_all(
-            run, destination=destination, allow_ahead=allow_ahead, direction=direction, on_work=work_found
+            run,
+            destination=destination,
+            allow_ahead=allow_ahead,
+            direction=direction,
+            on_work=work_found,
+            failures=failures,
         )
     except BaseException:
         if starting is not None and (started := await starting) is not None:
@@ -103,27 +118,12 @@ async def _change(run: Run, destination: str, direction: Direction, *, allow_ahe
         pool = None
     # Only when there is work for several: a no-op run must not pay for starting workers.
     pool = pool or pool_for(run, len(work))
-    if pool is None:
-        await _apply_in_order(run, inspected, work)
-        return
-    pending = {id(execution) for _, execution in work}
     try:
-        for result, execution in inspected:
-            if result.status != "ahead" and id(execution) not in pending:
-                result.finish(execution.target, "current")
-        await pool.apply(work)
+        async with progress.reporting([r for r, _ in work], run.settings.progress_s):
+            await apply_waves(run, inspected, work, failures, pool, canary)
     finally:
-        pool.close()
-
-
-async def _apply_in_order(run: Run, inspected: Inspected, work: Inspected) -> None:
-    """Apply each database with work in manifest order, in this process; report every database."""
-    pending = {id(execution) for _, execution in work}
-    for result, execution in inspected:
-        if result.status != "ahead":
-            if id(execution) in pending:
-                await apply(run, result, execution)
-            result.finish(execution.target, "current")
+        if pool is not None:
+            pool.close()
 
 
 async def acknowledge(run: Run, revisions: Sequence[str], *, yes: bool = False) -> None:

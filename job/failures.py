@@ -1,0 +1,120 @@
+"""Which database failures stop the run, and which it goes on after (``on_failure = "continue"``).
+
+By default the first failure stops the run. An entry with ``on_failure = "continue"`` (tenants)
+lets its failing databases fail alone, up to its ``max_failures``. Only a database's own failure
+can be tolerated: a connection refused, an unknown revision, a lock held too long, a migration
+that failed. A configuration error, an unreadable secret, a signal or a bug stops the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from job import logs
+from job.errors import ConfigError, Interrupted, MigrateJobError, SecretError
+
+if TYPE_CHECKING:
+    from job.manifest import DatabaseEntry
+
+# Failures that are not one database's own: they stop the run whatever the manifest says.
+FATAL = (ConfigError, SecretError, Interrupted)
+# How many failed databases the run.error line names (run.summary lists them all).
+NAMED = 5
+
+
+@dataclass
+class Failure:
+    """One database that failed: where it is in manifest order, and its error."""
+
+    position: int
+    entry: DatabaseEntry
+    error: MigrateJobError
+    tolerated: bool
+
+
+class Failures:
+    """The run's failed databases, and whether the run still goes on."""
+
+    def __init__(self, entries: list[DatabaseEntry]) -> None:
+        self.positions = {id(e): i for i, e in enumerate(entries)}
+        self.failed: list[Failure] = []
+        self.stopped = False
+        self.counts: dict[object, int] = {}
+        # Why a max_failures stopped the run, once one did.
+        self.limit: str | None = None
+        self.told = False
+
+    @staticmethod
+    def own(error: BaseException) -> bool:
+        """Return whether error is a database's own failure (which continue may tolerate)."""
+        return isinstance(error, MigrateJobError) and not isinstance(error, FATAL)
+
+    def record(self, entry: DatabaseEntry, error: BaseException) -> bool:
+        """Record a database's failure; return True if the run goes on with the others."""
+        if not isinstance(error, MigrateJobError) or not self.own(error):
+            self.stopped = True
+            return False
+        key = entry.block if entry.block is not None else id(entry)
+        count = self.counts[key] = self.counts.get(key, 0) + 1
+        goes_on = entry.on_failure == "continue" and (
+            entry.max_failures is None or count < entry.max_failures
+        )
+        position = self.positions.get(id(entry), len(self.positions))
+        self.failed.append(Failure(position, entry, error, goes_on))
+        if goes_on:
+            logs.event(
+                "db.failed",
+                f'{entry.label} failed ({error.message}); on_failure = "continue": the others go on',
+                level=logging.ERROR,
+                error=error.kind,
+                hint=error.hint,
+                service=entry.service,
+                database=entry.database,
+            )
+            return True
+        if entry.on_failure == "continue":
+            self._note_limit(entry, error, count)
+        self.stopped = True
+        return False
+
+    def _note_limit(self, entry: DatabaseEntry, error: MigrateJobError, count: int) -> None:
+        """Say on the error that the entry's max_failures stopped the run."""
+        error.context["max_failures"] = entry.max_failures
+        self.limit = (
+            f"{count} database(s) of service {entry.service} failed, its max_failures = "
+            f"{entry.max_failures}: the run stopped, the databases not yet migrated are skipped"
+        )
+
+    def first(self, among: set[int] | None = None) -> MigrateJobError | None:
+        """Return the first failure in manifest order (of the entries whose ids are among), if any."""
+        failed = [f for f in self.failed if among is None or id(f.entry) in among]
+        return min(failed, key=lambda f: f.position).error if failed else None
+
+    def error(self) -> MigrateJobError | None:
+        """Return the error that ends the run: the first failure in manifest order, told whole.
+
+        When the run went on past failures, its message counts and names them, so that the one
+        run.error line tells the operator what happened to the run, not only to one database.
+        """
+        first = self.first()
+        if first is None or self.told or not any(f.tolerated for f in self.failed):
+            return first
+        ordered = sorted(self.failed, key=lambda f: f.position)
+        names = ", ".join(f.entry.label for f in ordered[:NAMED]) + (", ..." if len(ordered) > NAMED else "")
+        first.message = f"{len(ordered)} database(s) failed ({names}); the first: {first.message}"
+        first.hint = (
+            (self.limit + "; " if self.limit else "the other databases were migrated; ")
+            + "each failed database's error is in run.summary: fix them and run again "
+            "(a rerun migrates only what is still pending)"
+        )
+        first.context["failed"] = len(ordered)
+        self.told = True
+        return first
+
+    def raise_if_any(self) -> None:
+        """Raise the run's error if any database failed."""
+        error = self.error()
+        if error is not None:
+            raise error
