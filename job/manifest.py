@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +54,8 @@ class DatabaseEntry(BaseModel):
     # max_failures of them before the run stops anyway.
     on_failure: Literal["stop", "continue"] = "stop"
     max_failures: int | None = Field(default=None, ge=1)
+    # Downgrades and reset of this entry's databases; None follows the manifest's top-level key.
+    allow_downgrade: bool | None = None
     # Which [[databases]] block of the file the entry came from: a ``databases = [...]`` list
     # expands to several entries that share their canary and max_failures.
     _block: int | None = PrivateAttr(default=None)
@@ -137,6 +139,14 @@ class Manifest(BaseModel):
     allow_downgrade: bool = True
     databases: tuple[DatabaseEntry, ...] = Field(min_length=1)
     path: Path = Path("<memory>")
+
+    def downgrades_refused(self, entries: Sequence[DatabaseEntry]) -> list[DatabaseEntry]:
+        """Return the entries whose databases may not be downgraded (their key, else the top level's)."""
+        return [
+            e
+            for e in entries
+            if not (self.allow_downgrade if e.allow_downgrade is None else e.allow_downgrade)
+        ]
 
     def reference(self, text: str) -> SecretRef:
         """Return the secret reference text names, resolved against the manifest's project."""

@@ -84,6 +84,26 @@ def test_downgrade_needs_yes_and_is_refused_where_the_manifest_forbids_it(
     assert database.version() == [HEADS["settlement"]], "nothing was undone"
 
 
+def test_allow_downgrade_on_one_entry_guards_only_its_databases(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """An entry's allow_downgrade = false (DESIGN.md: top level or per entry) refuses its databases only.
+
+    A run that selects it is refused before anything changes; the other entry still downgrades.
+    """
+    guarded, free = make_database("settlement"), make_database("settlement")
+    entries = [{**guarded.entry(), "allow_downgrade": False}, free.entry()]
+    env = {**job_env, "MIGRATE_MANIFEST": str(write_manifest(tmp_path / "m.toml", entries))}
+    assert run_job(env=env).code == 0
+    refused = run_job("downgrade", "--to", "base", "--yes", env=env)
+    assert refused.code == 2, refused.stdout
+    assert guarded.name in refused.events("run.error")[0]["message"]
+    assert guarded.version() == free.version() == [HEADS["settlement"]], "nothing was undone anywhere"
+    allowed = run_job("downgrade", "--to", "base", "--yes", "--database", free.name, env=env)
+    assert allowed.code == 0, allowed.stdout
+    assert free.version() == [] and guarded.version() == [HEADS["settlement"]]
+
+
 def test_downgrade_then_upgrade_by_steps(
     make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
 ) -> None:

@@ -31,13 +31,22 @@ async def upgrade(
 
 async def downgrade(run: Run, to: str, *, yes: bool = False) -> None:
     """Undo revisions down to ``to`` (a revision, -N or base), where the manifest allows it."""
-    if not run.manifest.allow_downgrade:
-        raise ConfigError(
-            f"manifest {run.manifest.path} sets allow_downgrade = false: downgrades are refused here",
-            hint="roll forward instead: ship a new revision that undoes the change",
-        )
+    _refuse_where_not_allowed(
+        run, "downgrades are", "roll forward instead: ship a new revision that undoes the change"
+    )
     confirm(yes, f"downgrade to {to} undoes revisions and may drop data")
     await _change(run, to, "down")
+
+
+def _refuse_where_not_allowed(run: Run, what: str, hint: str) -> None:
+    """Raise ConfigError if any selected database's entry (or the manifest) sets allow_downgrade = false."""
+    refused = run.manifest.downgrades_refused(run.entries)
+    if refused:
+        names = ", ".join(e.label for e in refused[:5]) + (" ..." if len(refused) > 5 else "")
+        raise ConfigError(
+            f"manifest {run.manifest.path} sets allow_downgrade = false for {names}: {what} refused here",
+            hint=hint,
+        )
 
 
 async def stamp(run: Run, revision: str, *, yes: bool = False) -> None:
@@ -56,12 +65,11 @@ async def reset(run: Run, *, yes: bool = False) -> None:
             "reset drops databases and is refused on Cloud Run",
             hint="reset is for a development database on a workstation; roll forward everywhere else",
         )
-    if not run.manifest.allow_downgrade:
-        raise ConfigError(
-            f"manifest {run.manifest.path} sets allow_downgrade = false: reset, which drops the "
-            "databases, is refused here",
-            hint="reset is for development environments, whose manifests allow downgrades",
-        )
+    _refuse_where_not_allowed(
+        run,
+        "reset, which drops the databases, is",
+        "reset is for development environments, whose manifests allow downgrades",
+    )
     confirm(yes, "reset drops and recreates every selected database: all their data is lost")
     done: set[tuple[str, str]] = set()
     for target in run.preflight():
