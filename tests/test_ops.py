@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -32,7 +29,8 @@ from job.lint import render_revisions, split_revisions
 from job.manifest import DatabaseEntry
 from job.services import discover
 from tests.conftest import Database
-from tests.support import FIXTURES, PROJECT, REPO, JobRun, record_output, run_job, run_script, write_manifest
+from tests.support import FIXTURES, PROJECT, REPO, JobRun, run_job, run_script, write_manifest
+from tests.test_signals import JobProcess
 
 SERVICES_DIR = FIXTURES / "zero_downtime"
 LEDGER = [f"ledger00000{n}" for n in range(1, 9)]
@@ -96,71 +94,6 @@ def seed(database: Database, rows: int, *, skip_triggers: bool = False) -> None:
     if skip_triggers:
         sql = "SET session_replication_role = replica;\n" + sql
     run_script(database.pg.admin_dsn(database.name), sql)
-
-
-class StreamedJob:
-    """``python -m job`` as a process whose stdout lines are kept with the moment each arrived."""
-
-    def __init__(self, env: dict[str, str], *args: str) -> None:
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("MIGRATE_", "CLOUD_RUN_"))}
-        base.update({"MIGRATE_LOG_FORMAT": "json", "MIGRATE_CONNECT_TIMEOUT_S": "3", **env})
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "job", *args],
-            env=base,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[tuple[float, dict[str, Any]]] = []
-        self.raw: list[str] = []
-        self.stderr = ""
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._errors = threading.Thread(target=self._read_stderr, daemon=True)
-        self._errors.start()
-
-    def _read(self) -> None:
-        """Reader thread: keep each line with its arrival time."""
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.raw.append(line)
-            if line.strip():
-                self.lines.append((time.monotonic(), json.loads(line)))
-
-    def _read_stderr(self) -> None:
-        """Reader thread: keep stderr (it must stay empty)."""
-        assert self.proc.stderr is not None
-        self.stderr = self.proc.stderr.read()
-
-    def wait_for(self, event: str, timeout: float = 30) -> dict[str, Any]:
-        """Return the first line with this event, waiting for it; fail if the job ends first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [line for _, line in self.lines if line.get("event") == event]
-            if found:
-                return found[0]
-            assert self.proc.poll() is None or self._reader.is_alive(), f"job ended before {event}"
-            time.sleep(0.01)
-        raise AssertionError(f"no {event} within {timeout}s: {''.join(self.raw)[-3000:]}")
-
-    def arrivals(self, event: str) -> list[tuple[float, dict[str, Any]]]:
-        """Return (arrival time, line) of each line with this event."""
-        return [(t, line) for t, line in self.lines if line.get("event") == event]
-
-    def finish(self, timeout: float = 60) -> JobRun:
-        """Wait for the process; return its run, its output kept for the session's leak check."""
-        try:
-            code = self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                code = self.proc.wait()
-            self._reader.join(10)
-            self._errors.join(10)
-            record_output("".join(self.raw) + self.stderr)
-        return JobRun(code, "".join(self.raw), self.stderr)
 
 
 class AppLoad:
@@ -320,7 +253,7 @@ def record_waits(key: str, waits: dict[str, Any]) -> None:
         print(f"  {revision}  {wait:>6} ms  over {statements_seen:>5} statements  {entry['helpers']}")
 
 
-def waits_per_revision(job: StreamedJob, load: AppLoad, end: float) -> dict[str, Any]:
+def waits_per_revision(job: JobProcess, load: AppLoad, end: float) -> dict[str, Any]:
     """Return the longest application wait while each revision ran (between two migration.applied)."""
     (lock_taken, _), *_ = job.arrivals("lock.acquired")
     out: dict[str, Any] = {}
@@ -355,18 +288,15 @@ def test_each_recipe_keeps_application_queries_within_lock_timeout(
 
     waits: dict[str, Any] = {}
     with AppLoad(database.pg.admin_dsn(database.name)) as load:
-        release_n = StreamedJob(env, "upgrade", "--to", LEDGER[6])
-        done_n = release_n.finish()
+        release_n = JobProcess(env, "upgrade", "--to", LEDGER[6])
+        done_n = release_n.finish(timeout=60)
         waits.update(waits_per_revision(release_n, load, time.monotonic()))
         load.release = 2  # release N+1 is deployed: it writes amount_cents only
         time.sleep(0.2)
-        release_n1 = StreamedJob(env, "upgrade")
-        done_n1 = release_n1.finish()
+        release_n1 = JobProcess(env, "upgrade")
+        done_n1 = release_n1.finish(timeout=60)
         waits.update(waits_per_revision(release_n1, load, time.monotonic()))
-        jobs_ran = [
-            (release_n.started, release_n.lines[-1][0]),
-            (release_n1.started, release_n1.lines[-1][0]),
-        ]
+        jobs_ran = [(job.started, job.started + job.lines[-1][0]) for job in (release_n, release_n1)]
         during = [w for start, end in jobs_ran for w in load.waits_between(start, end)]
     record_waits("ledger under load", waits)
 
@@ -401,10 +331,10 @@ def test_a_killed_index_build_is_dropped_and_built_again(
     env = environment(job_env, tmp_path, database, statement_timeout_s=0.5)
     assert run_job("upgrade", "--to", "slow00000001", env=env).code == 0
 
-    job = StreamedJob(env, "upgrade")
+    job = JobProcess(env, "upgrade")
     pid = run(building_pid(database, timeout=30))
     terminated = database.pg.fetch("SELECT pg_terminate_backend($1) AS ok", pid, database=database.name)
-    rebuilt = job.finish()
+    rebuilt = job.finish(timeout=60)
 
     assert terminated == [{"ok": True}]
     assert rebuilt.code == 0, rebuilt.stdout
@@ -466,10 +396,10 @@ def test_an_index_build_that_waits_past_lock_timeout_is_retried_and_built(
             transaction = blocker.transaction(isolation="repeatable_read")
             await transaction.start()
             await blocker.fetchval("SELECT count(*) FROM payments")
-            job = StreamedJob(env, "upgrade", "--to", LEDGER[1])
-            await asyncio.to_thread(job.wait_for, "migration.lock_timeout")
+            job = JobProcess(env, "upgrade", "--to", LEDGER[1])
+            await asyncio.to_thread(job.wait_for_event, "migration.lock_timeout", 30)
             await transaction.commit()
-            return await asyncio.to_thread(job.finish), blocker.get_server_pid()
+            return await asyncio.to_thread(job.finish, 60), blocker.get_server_pid()
         finally:
             await blocker.close()
 
@@ -520,10 +450,11 @@ def test_a_killed_backfill_resumes_and_updates_every_row_once(
     seed(database, rows, skip_triggers=True)  # written before the expand: amount_cents is NULL
     run_script(database.pg.admin_dsn(database.name), COUNT_JOB_UPDATES)
 
-    job = StreamedJob(env, "upgrade", "--to", LEDGER[6])
-    first_progress = job.wait_for("backfill.progress")
+    job = JobProcess(env, "upgrade", "--to", LEDGER[6])
+    job.wait_for_event("backfill.progress", timeout=30)
+    (_, first_progress), *_ = job.arrivals("backfill.progress")
     job.proc.send_signal(signal.SIGKILL)
-    killed = job.finish()
+    killed = job.finish(timeout=60)
     left_after_kill = count(database, "amount_cents IS NULL")
 
     assert killed.code == -signal.SIGKILL

@@ -28,7 +28,7 @@ import pytest
 
 from devtools.pgserver import PgServer
 from tests.conftest import Database
-from tests.support import FIXTURES, PASSWORD, REPO, JobRun, record_output, write_manifest
+from tests.support import FIXTURES, PASSWORD, REPO, JobRun, job_environment, record_output, write_manifest
 
 REVISIONS = ("5eee00000001", "5eee00000002", "5eee00000003", "5eee00000004")
 HEAD = REVISIONS[-1]
@@ -56,14 +56,11 @@ class JobProcess:
     """``python -m job`` as a child process whose stdout lines are collected as they come."""
 
     def __init__(self, env: dict[str, str], *args: str) -> None:
-        # The environment of tests.support.run_job: the parent's, minus any MIGRATE_/CLOUD_RUN_.
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("MIGRATE_", "CLOUD_RUN_"))}
-        base.update({"MIGRATE_LOG_FORMAT": "json", "MIGRATE_CONNECT_TIMEOUT_S": "3"})
-        base.update(env)
         self.started = time.monotonic()
+        # A fresh interpreter (not tests.support's warm fork): a signal may land while it starts.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "job", *args],
-            env=base,
+            env=job_environment(env),
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -187,6 +184,10 @@ class JobProcess:
             self.run = JobRun(self.proc.returncode, stdout, "".join(self._stderr))
             record_output(self.run.stdout + self.run.stderr)
         return self.run
+
+    def arrivals(self, event: str) -> list[tuple[float, dict[str, Any]]]:
+        """Return (time.monotonic() when it came, the parsed line) of each stdout line with this event."""
+        return [(self.started + at, json.loads(line)) for at, line in self.lines if event_of(line) == event]
 
     def event_times(self) -> dict[str, float]:
         """Return when each event first appeared on stdout (s since start)."""
