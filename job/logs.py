@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import sys
@@ -53,6 +54,7 @@ def scrub(text: str) -> str:
     return text
 
 
+@functools.cache  # scrub() runs for every log line: each secret's spellings are worked out once
 def _forms(secret: str) -> tuple[str, ...]:
     """Return a secret's spellings in logs: raw or repr'd (KeyError, ``!r``), JSON-escaped, URL-quoted.
 
