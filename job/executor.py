@@ -189,7 +189,7 @@ def _handing_url(config: Config, url: str) -> Iterator[None]:
 
     Set for offline rendering too, so a ``DATABASE_URL`` left in the job's environment is never read.
     """
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser's escaping
+    config.set_main_option("sqlalchemy.url", url)  # the job's Config doubles the URL's % for ConfigParser
     with _environment(DATABASE_URL=url):
         yield
 
