@@ -284,11 +284,10 @@ def offline_target(service: Service) -> Target:
     """Return a target that reaches no server, for SQL that is only rendered (show, lint)."""
     from sqlalchemy.engine import URL
 
-    from job.db import DRIVER, Target
     from job.manifest import DatabaseEntry
 
     entry = DatabaseEntry(service=service.name, database="offline", url="offline")
-    return Target(entry, URL.create(DRIVER, database="offline"))
+    return db.Target(entry, URL.create(db.DRIVER, database="offline"))
 
 
 def render_sql(execution: Execution, start: tuple[str, ...]) -> str:

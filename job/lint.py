@@ -37,6 +37,10 @@ HANDLED_BY_JOB: dict[str, str] = {
     "require-statement-timeout": "the job sets statement_timeout on every connection "
     "(manifest statement_timeout_s)",
 }
+EXPAND_CONTRACT = (
+    "expand and contract over two releases: a new column kept in step by a trigger, job.ops.backfill, "
+    "then drop the old one (README: Zero-downtime recipes)"
+)
 # Rules whose risky statement a job.ops helper does safely: the finding's help names the helper.
 HELPERS: dict[str, str] = {
     "require-concurrent-index-creation": "job.ops.create_index_concurrently(index_name, table_name, "
@@ -59,10 +63,8 @@ HELPERS: dict[str, str] = {
     "without default, set the default, backfill in batches, NOT NULL the safe way",
     "disallowed-unique-constraint": "job.ops.create_index_concurrently(..., unique=True), then "
     "ALTER TABLE ... ADD CONSTRAINT ... UNIQUE USING INDEX in a later revision",
-    "changing-column-type": "expand and contract over two releases: a new column kept in step by a "
-    "trigger, job.ops.backfill, then drop the old one (README: Zero-downtime recipes)",
-    "renaming-column": "expand and contract over two releases: a new column kept in step by a "
-    "trigger, job.ops.backfill, then drop the old one (README: Zero-downtime recipes)",
+    "changing-column-type": EXPAND_CONTRACT,
+    "renaming-column": EXPAND_CONTRACT,
     "prefer-robust-stmts": "in a revision this statement runs outside the transaction that moves the "
     "version table (after an autocommit block or a job.ops helper that leaves the transaction): "
     "put the job.ops helpers first in the revision, or in a revision of their own",
