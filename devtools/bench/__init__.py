@@ -1,4 +1,4 @@
-"""``make bench`` (``python -m devtools.bench``): migrate-job timed against an alembic loop and psql."""
+"""``make bench`` (``python -m devtools.bench``): migrate-job against the alembic loop, dbmate and psql."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from devtools.bench.databases import (
     SERVICES,
     Endpoint,
     _conninfo_quote,
+    alembic_ini,
     alembic_url,
     bench_databases,
     conninfo,
     mask,
     render_manifest,
+    revisions,
 )
 from devtools.bench.measure import children, proc_kb
+from devtools.bench.peers import dbmate_url, split_revisions, write_dbmate_dir
 from devtools.bench.report import min_median, ratio_text
 
 __all__ = [
@@ -26,13 +29,18 @@ __all__ = [
     "SERVICES",
     "Endpoint",
     "_conninfo_quote",
+    "alembic_ini",
     "alembic_url",
     "bench_databases",
     "children",
     "conninfo",
+    "dbmate_url",
     "mask",
     "min_median",
     "proc_kb",
     "ratio_text",
     "render_manifest",
+    "revisions",
+    "split_revisions",
+    "write_dbmate_dir",
 ]

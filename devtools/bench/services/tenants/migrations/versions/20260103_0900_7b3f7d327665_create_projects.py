@@ -1,0 +1,37 @@
+"""create projects
+
+Revision ID: 7b3f7d327665
+Revises: 7bb1d2c210f5
+Create Date: 2026-01-03 09:00:00.000000+00:00
+
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "7b3f7d327665"
+down_revision: str | Sequence[str] | None = "7bb1d2c210f5"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    """Upgrade schema."""
+    op.create_table(
+        "projects",
+        sa.Column("id", sa.BigInteger(), sa.Identity(), primary_key=True),
+        sa.Column("tenant_id", sa.BigInteger(), sa.ForeignKey("tenants.id"), nullable=False),
+        sa.Column("name", sa.Text(), nullable=False),
+        sa.Column("archived", sa.Boolean(), server_default=sa.false(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+    )
+    op.create_index("ix_projects_tenant_id", "projects", ["tenant_id"])
+
+
+def downgrade() -> None:
+    """Downgrade schema."""
+    op.drop_table("projects")
