@@ -84,12 +84,11 @@ async def database_status_async(url: str, service_dir: str | Path) -> DatabaseSt
     service = Service(Path(service_dir).name, Path(service_dir))
     entry = DatabaseEntry(service=service.name, database=make_url(url).database or "", url=url)
     target = db.Target(entry, db.url_from_secret(SecretStr(url), entry))
-    engine, connection = await db.connect(target, timeout_s=30, application_name="migrate-job:check")
+    _, connection = await db.connect(target, timeout_s=30, application_name="migrate-job:check")
     try:
         execution = await execute(connection, Execution(service, target, quiet=True))
     finally:
         await connection.close()
-        await engine.dispose()
     assert execution.plan is not None
     return DatabaseStatus(service.name, target.database, execution.plan.from_revision, service.head())
 

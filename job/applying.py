@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from job import db, logs, recorder
+from job import db, logs
 from job.blockers import BlockerWatch, is_lock_timeout
 from job.errors import MigrateJobError, MigrationFailed
 from job.executor import Execution, execute
@@ -66,8 +66,6 @@ async def _apply_once(run: Run, result: DatabaseResult, expected: Execution, app
     try:
         await db.watch_client(connection)
         await lock.acquire(run.settings.lock_wait_s)
-        if not expected.history_exists:
-            await recorder.ensure_table(await db.driver(connection), expected.version_schema)
         execution = await apply_with_retries(engine, connection, expected, applied)
     except (SQLAlchemyError, OSError) as exc:
         # Taking or polling the lock failed below the migration: the connection broke.
@@ -79,7 +77,7 @@ async def _apply_once(run: Run, result: DatabaseResult, expected: Execution, app
         raise
     finally:
         await _release(lock)
-        await close(engine, connection)
+        await close(connection)
         result.duration_ms += elapsed_ms(started)
         result.record(execution.plan or execution.expected, applied)
     result.status, result.error = (DONE[expected.direction] if applied else "current"), None

@@ -185,25 +185,14 @@ def server_settings(target: Target, application_name: str | None = None) -> dict
 async def connect(
     target: Target, *, timeout_s: float, application_name: str
 ) -> tuple[AsyncEngine, AsyncConnection]:
-    """Return an open connection, retrying transient failures for at most timeout_s."""
-    from sqlalchemy.ext.asyncio import create_async_engine
-    from sqlalchemy.pool import NullPool
+    """Return an open connection on the run's engine for its server, retrying transient failures."""
+    from job import engines
 
-    engine = create_async_engine(
-        target.url,
-        poolclass=NullPool,
-        connect_args={
-            "timeout": min(10.0, timeout_s),
-            "server_settings": server_settings(target, application_name),
-            **iam.login_args(target.entry),
-        },
-    )
-    try:
-        connection = await with_retries(target, timeout_s, engine.connect)
-    except BaseException:
-        await engine.dispose()
-        raise
-    return engine, connection
+    settings = server_settings(target, application_name)
+    login = {"timeout": min(10.0, timeout_s), "server_settings": settings, **iam.login_args(target.entry)}
+    engine = engines.engine_for(target.url, login)
+    engines.connecting_to(target.database)
+    return engine, await with_retries(target, timeout_s, engine.connect)
 
 
 async def connect_raw(target: Target, *, timeout_s: float, application_name: str) -> Any:

@@ -15,13 +15,13 @@ import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from job import db, iam, logs
 from job.errors import ConfigError, MigrateJobError, MigrationFailed
 from job.plan import DONE, Direction, Plan, Step, compute_plan
 from job.report import elapsed_ms
+from job.services import outside_transaction
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Dialect
     from sqlalchemy.ext.asyncio import AsyncConnection
 
+    from job.batching import Batch
     from job.db import Target
     from job.recorder import Recorder
     from job.services import Service
@@ -54,6 +55,7 @@ class Execution:
     recorder: Recorder | None = None  # writes migrate_job_history rows when applying
     check_edits: bool = True  # the preflight refuses applied revisions edited since they ran
     history_exists: bool = False  # the preflight saw migrate_job_history (no need to create it)
+    batch: Batch | None = None  # the running revision's statements not sent yet (job.batching)
 
     def __call__(self, heads: tuple[str, ...], context: MigrationContext) -> Iterator[MigrationStep]:
         """Alembic's ``fn``: compute the plan from the heads read under env.py's settings."""
@@ -63,7 +65,11 @@ class Execution:
         if not self.apply:
             return iter(())
         if self.recorder is not None and not self.offline and not context.as_sql:
-            self.recorder.attach(context)
+            from job import batching
+
+            self.recorder.attach(context, create_table=not self.history_exists)
+            assert context.connection is not None
+            self.batch = batching.start(context.impl, context.connection, context.version_table)
         return self._steps(plan)
 
     def plan_from(self, heads: tuple[str, ...]) -> Plan:
@@ -77,7 +83,7 @@ class Execution:
 
     def again(self) -> Execution:
         """Return a fresh apply pass that expects this pass's plan (the database may have moved)."""
-        return replace(self, apply=True, expected=self.plan, plan=None, applied=[], running=None)
+        return replace(self, apply=True, expected=self.plan, plan=None, applied=[], running=None, batch=None)
 
     def _steps(self, plan: Plan) -> Iterator[MigrationStep]:
         """Yield the plan's steps; Alembic resumes us only after a step's transaction committed."""
@@ -87,7 +93,12 @@ class Execution:
             # Lines a migration logs itself (job.ops's backfill.progress) say which revision;
             # the scope _run_env opened ends with env.py.
             logs.also(revision=shown.revision)
+            if self.batch is not None:
+                # A revision that commits on its own (autocommit_block, job.ops) sends each statement.
+                self.batch.open = outside_transaction(self.service, shown.revision) is None
             yield step
+            if self.batch is not None:
+                self.batch.open = False
             self.running = None
             self.applied.append(shown)
             if self.offline:
@@ -169,6 +180,8 @@ def _run_env(connection: Connection | None, execution: Execution) -> None:
     """
     from alembic.runtime.environment import EnvironmentContext
 
+    from job import batching  # noqa: F401 (registers its Alembic impl before env.py configures one)
+
     service = execution.service
     config = service.config()
     if connection is not None:
@@ -178,9 +191,22 @@ def _run_env(connection: Connection | None, execution: Execution) -> None:
         _EnvConnections(execution.target),
         _job_owns_logging(),
         logs.scoped(**execution.target.fields()),
+        _batching_ends(connection),
         EnvironmentContext(config, service.script, fn=execution, dont_mutate=not execution.apply),
     ):
         service.script.run_env()
+
+
+@contextlib.contextmanager
+def _batching_ends(connection: Connection | None) -> Iterator[None]:
+    """Stop batching on the connection when env.py is done (the next pass starts its own)."""
+    from job import batching
+
+    try:
+        yield
+    finally:
+        if connection is not None:
+            batching.stop(connection)
 
 
 @contextlib.contextmanager
@@ -364,7 +390,7 @@ def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
         ),
         None: ("its transaction rolled back", "fix the migration in a new image and run again", True),
     }
-    stayed, todo, retryable = outcomes[_outside_transaction(execution.service, step.revision)]
+    stayed, todo, retryable = outcomes[outside_transaction(execution.service, step.revision)]
     return MigrationFailed(
         f"migration {step.revision} ({step.message}) failed on database {target.database} of "
         f"service {target.service}: {reason}; {stayed}",
@@ -376,26 +402,6 @@ def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
         sqlstate=sqlstate(exc),
         **({} if retryable else {"retryable": False}),
     )
-
-
-def _outside_transaction(service: Service, revision: str) -> str | None:
-    """Return how the revision runs statements outside its transaction, if it does.
-
-    ``autocommit_block`` (its own, which a rerun may trip over), ``job.ops`` (helpers that are
-    safe to run again), or None.
-    """
-    script = service.script.get_revision(revision)
-    if script is None:
-        return None
-    try:
-        text = Path(script.path).read_text(encoding="utf-8")
-    except OSError:
-        return None
-    if "autocommit_block" in text:
-        return "autocommit_block"
-    if "job.ops" in text or "from job import ops" in text:
-        return "job.ops"
-    return None
 
 
 def _reason(exc: BaseException) -> str:

@@ -197,7 +197,7 @@ async def _inspect(run: Run, result: DatabaseResult, execution: Execution) -> No
     """Connect, read the database's revision through env.py and plan; change nothing."""
     target = execution.target
     started = time.monotonic()
-    engine, connection = await _failing(result, run.connect(target))
+    _, connection = await _failing(result, run.connect(target))
     try:
         _log_connected(target, started)
         await execute(connection, execution)
@@ -207,7 +207,7 @@ async def _inspect(run: Run, result: DatabaseResult, execution: Execution) -> No
         result.status, result.error = "failed", exc.message
         raise
     finally:
-        await close(engine, connection)
+        await close(connection)
         result.duration_ms += elapsed_ms(started)
     # Where the database was when this run first looked; later passes must not move it.
     result.from_revision = execution.plan.from_revision if execution.plan else None

@@ -75,6 +75,22 @@ def insert_sql(schema: str | None, placeholders: Sequence[str]) -> str:
     return f"INSERT INTO {table_name(schema)} ({columns}, recorded_by) VALUES ({values}, session_user)"
 
 
+def literal_insert(schema: str | None, values: dict[str, Any]) -> str:
+    """Return the INSERT of one history row with its values as SQL literals (for a batch)."""
+    return insert_sql(schema, [_literal(v) for v in values.values()])
+
+
+def _literal(value: str | int | None) -> str:
+    """Return a value as a PostgreSQL literal, right whatever standard_conforming_strings says."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, int):
+        return str(value)
+    text = value.replace("'", "''")
+    # E'' reads backslashes as escapes under either setting; without one, a plain literal is the same.
+    return "E'" + text.replace("\\", "\\\\") + "'" if "\\" in text else "'" + text + "'"
+
+
 def row(service: str, revision: str, direction: str, digest: str | None, who: Identity) -> dict[str, Any]:
     """Return one history row's values by column, in COLUMNS order."""
     values = (
@@ -95,11 +111,10 @@ def file_checksum(service: Service, revision: str) -> str | None:
 
 def checksum(path: str | Path | None) -> str | None:
     """Return the sha256 of a revision file (line endings normalised), or None without a file."""
-    if path is None:
-        return None
-    try:
-        data = Path(path).read_bytes()
-    except OSError:
+    from job.services import revision_file
+
+    data = revision_file(path) if path is not None else None
+    if data is None:
         return None
     return hashlib.sha256(data.replace(b"\r\n", b"\n")).hexdigest()
 
@@ -115,14 +130,6 @@ class Identity:
     job_version: str | None = None
 
 
-async def ensure_table(raw: Any, schema: str | None) -> None:
-    """Create the history table if it is missing (apply paths only, under the migration lock).
-
-    ``raw`` is the asyncpg connection, idle (autocommit): one round trip.
-    """
-    await raw.execute(create_sql(schema))
-
-
 class Recorder:
     """Writes one history row per step that Alembic applies, in the step's transaction."""
 
@@ -131,11 +138,22 @@ class Recorder:
         self.identity = identity
         self.direction = direction
 
-    def attach(self, context: MigrationContext) -> None:
-        """Register with the migration context (its on_version_apply hook)."""
-        context.on_version_apply_callbacks = (*context.on_version_apply_callbacks, self._on_version_apply)
+    def attach(self, context: MigrationContext, *, create_table: bool = False) -> None:
+        """Register with the migration context (its on_version_apply hook).
 
-    def _on_version_apply(self, *, ctx: MigrationContext, step: MigrationInfo, **_: Any) -> None:
+        With create_table (the preflight did not see the table), the first step creates it in its
+        own transaction: no separate round trip, and no table without the row it was made for.
+        """
+        missing = [create_table]
+
+        def on_version_apply(*, ctx: MigrationContext, step: MigrationInfo, **_: Any) -> None:
+            """Record the step; create the table first if it may be missing."""
+            self._on_version_apply(ctx=ctx, step=step, create_table=missing[0])
+            missing[0] = False
+
+        context.on_version_apply_callbacks = (*context.on_version_apply_callbacks, on_version_apply)
+
+    def _on_version_apply(self, *, ctx: MigrationContext, step: MigrationInfo, create_table: bool) -> None:
         """Insert the step's row on the migration's own connection, before its commit."""
         connection = ctx.connection
         assert connection is not None
@@ -150,11 +168,19 @@ class Recorder:
         digest = file_checksum(self.service, revision) if single else None
         from sqlalchemy import text
 
+        from job import batching
+
+        values = row(self.service.name, revision, direction, digest, self.identity)
+        create = [create_sql(schema)] if create_table else []
+        batch = batching.batch_of(connection)
+        if batch is not None and batch.open:
+            # Sent with the revision's statements and its version move: one round trip in all.
+            batch.flush(connection, trailing=[*create, literal_insert(schema, values)])
+            return
         # Bound parameters through SQLAlchemy, whatever driver the service's env.py connected with.
-        connection.execute(
-            text(insert_sql(schema, [":" + c for c in COLUMNS])),
-            row(self.service.name, revision, direction, digest, self.identity),
-        )
+        for statement in create:
+            connection.execute(text(statement))
+        connection.execute(text(insert_sql(schema, [":" + c for c in COLUMNS])), values)
 
 
 @dataclass(frozen=True)

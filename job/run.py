@@ -212,12 +212,13 @@ async def close_raw(connection: Any) -> None:
         await asyncio.wait_for(connection.close(), CLEANUP_S)
 
 
-async def close(engine: AsyncEngine, connection: AsyncConnection) -> None:
-    """Close the connection and engine, bounded in time (after a cancel it may be unusable)."""
+async def close(connection: AsyncConnection) -> None:
+    """Close the connection, bounded in time (after a cancel it may be unusable).
+
+    Its engine stays: the run shares one per server and login (job.engines), and holds no pool.
+    """
     with contextlib.suppress(Exception, asyncio.CancelledError):
         await asyncio.wait_for(connection.close(), CLEANUP_S)
-    with contextlib.suppress(Exception, asyncio.CancelledError):
-        await asyncio.wait_for(engine.dispose(), CLEANUP_S)
 
 
 def confirm(yes: bool, what: str) -> None:

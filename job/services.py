@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
@@ -115,3 +116,39 @@ def _job_config() -> type[Config]:
             super().set_section_option(section, name, escaped_url(name, value))
 
     return JobConfig
+
+
+def outside_transaction(service: Service, revision: str) -> str | None:
+    """Return how the revision runs statements outside its transaction, if it does.
+
+    ``autocommit_block`` (its own, which a rerun may trip over), ``job.ops`` (helpers that are
+    safe to run again), or None.
+    """
+    script = service.script.get_revision(revision)
+    data = revision_file(script.path) if script is not None else None
+    if data is None:
+        return None
+    text = data.decode("utf-8", errors="replace")
+    if "autocommit_block" in text:
+        return "autocommit_block"
+    if "job.ops" in text or "from job import ops" in text:
+        return "job.ops"
+    return None
+
+
+def revision_file(path: str | Path) -> bytes | None:
+    """Return a revision file's bytes, read once per version of the file; None if unreadable.
+
+    A fleet run asks about the same files once per database (checksums, transaction handling).
+    """
+    try:
+        stat = os.stat(path)
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in _files:
+            _files[key] = Path(path).read_bytes()
+    except OSError:
+        return None
+    return _files[key]
+
+
+_files: dict[tuple[str, int, int], bytes] = {}

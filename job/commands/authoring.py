@@ -48,13 +48,13 @@ async def revision(run: Run, message: str, *, autogenerate: bool = False, scratc
         )
     admin = admin_url(run, scratch)
     async with scratch_target(admin, scratch, service, "revision") as (target, _):
-        engine, connection = await run.connect(target)
+        _, connection = await run.connect(target)
         try:
             await execute(connection, Execution(service, target, "head", True, quiet=True, offline=True))
             await connection.run_sync(lambda sync: _write_revision(service, message, sync))
             await connection.commit()
         finally:
-            await close(engine, connection)
+            await close(connection)
 
 
 def _write_revision(service: Service, message: str, connection: Any) -> None:

@@ -78,7 +78,7 @@ class _Walker:
 async def _round_trip(run: Run, service: Service, target: db.Target, result: DatabaseResult) -> None:
     """Walk the history from base: for each revision, up, down, up, comparing the catalog."""
     started = time.monotonic()
-    engine, connection = await run.connect(target)
+    _, connection = await run.connect(target)
     try:
         walker = _Walker(service, target, connection)
         before = await walker.catalog()
@@ -116,7 +116,7 @@ async def _round_trip(run: Run, service: Service, target: db.Target, result: Dat
         result.status = "failed"
         raise
     finally:
-        await close(engine, connection)
+        await close(connection)
         result.duration_ms = elapsed_ms(started)
 
 
@@ -173,7 +173,7 @@ async def _check_one(
 
     service = run.services[target.service]
     started = time.monotonic()
-    engine, connection = await run.connect(target)
+    _, connection = await run.connect(target)
     try:
         if upgrade:
             await execute(connection, Execution(service, target, "head", True, quiet=True, offline=True))
@@ -194,7 +194,7 @@ async def _check_one(
             return []
         differences = await drift.compare(connection, found)
     finally:
-        await close(engine, connection)
+        await close(connection)
         result.duration_ms = elapsed_ms(started)
     _report_drift(target, result, service.name, differences)
     return differences
