@@ -23,7 +23,7 @@ help:
 	@echo "make test      lint, then the whole test suite against a real PostgreSQL"
 	@echo "make lint      ruff check, ruff format --check, mypy"
 	@echo "make format    ruff format and ruff check --fix"
-	@echo "make bench     time this job against an alembic loop and psql -f on 100 databases (not in make test)"
+	@echo "make bench     time this job against the alembic loop, dbmate and psql -f on 100 databases (not in make test)"
 	@echo "make image-check  hadolint, job YAMLs, cloudbuild.yaml, and the image's files rebuilt and run without Docker"
 	@echo "make image     build the image as IMAGE: docker if a Docker engine answers, else podman (ENGINE=... chooses)"
 	@echo "make image-test  build the real image with podman and run it as Cloud Run runs a job task (as root)"

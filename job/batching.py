@@ -10,8 +10,8 @@ transaction, version statement last, so that its row count is still checked.
 
 What does not wait: a statement with bound parameters, one with execution options, anything run
 on the connection directly (``op.get_bind()``, an inspector, SQLAlchemy's own queries), a
-savepoint, and every statement of a revision that runs outside its transaction
-(``autocommit_block``, job.ops helpers): those flush what is pending first, so the server sees
+savepoint or commit, and every statement of a revision that runs outside its transaction
+(``autocommit_block``, job.ops helpers): those send what is pending first, so the server sees
 statements in the order the revision issued them. A failure in the batch fails the revision as
 the statement alone would have (the transaction rolls back whole), with the server's message.
 """
@@ -19,6 +19,7 @@ the statement alone would have (the transaction rolls back whole), with the serv
 from __future__ import annotations
 
 import re
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -93,7 +94,7 @@ class BatchingImpl(PostgresqlImpl):
         """Defer the statement when it can wait; else send what waits, then run it as Alembic does."""
         batch = self.batch
         params = params or {}
-        if batch is not None and batch.open and not self.as_sql:
+        if batch is not None and batch.open and not self.as_sql and not _autocommit(self._connection()):
             sql = None if execution_options or multiparams or params else _render(self, construct)
             if sql is not None:
                 if isinstance(construct, TextClause) or not _moves_version(self, construct):
@@ -112,6 +113,11 @@ class BatchingImpl(PostgresqlImpl):
         """Return the migration's connection (always set when applying)."""
         assert self.connection is not None
         return self.connection
+
+
+def _autocommit(connection: Connection) -> bool:
+    """Return whether the connection runs each statement on its own (an autocommit_block)."""
+    return connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
 
 
 def _render(impl: BatchingImpl, construct: Any) -> str | None:
@@ -137,24 +143,31 @@ def _moves_version(impl: BatchingImpl, construct: Any) -> bool:
 
 def batch_of(connection: Connection) -> Batch | None:
     """Return the batch of a connection's running migration, if the job is batching on it."""
-    batch = connection.info.get(MARK)
-    return batch if isinstance(batch, Batch) else None
+    return _batches.get(connection)
 
 
 def start(impl: Any, connection: Connection, version_table: str) -> Batch | None:
     """Batch the statements of this migration context, if its impl and driver allow; return the batch."""
-    if not isinstance(impl, BatchingImpl) or connection.dialect.driver != "asyncpg":
+    if (
+        not isinstance(impl, BatchingImpl)
+        or not impl.transactional_ddl
+        or connection.dialect.driver != "asyncpg"
+    ):
         return None
     _listen()
     impl.batch = Batch()
     impl.version_table = version_table  # type: ignore[attr-defined]
-    connection.info[MARK] = impl.batch
+    _batches[connection] = impl.batch
     return impl.batch
 
 
 def stop(connection: Connection) -> None:
     """Stop batching on the connection (what waits was sent or rolled back with its revision)."""
-    connection.info.pop(MARK, None)
+    _batches.pop(connection, None)
+
+
+# By connection object, not in its info: looking a batch up must never touch the connection.
+_batches: weakref.WeakKeyDictionary[Connection, Batch] = weakref.WeakKeyDictionary()
 
 
 _listening: list[bool] = []
@@ -166,6 +179,11 @@ def _listen() -> None:
         return
     event.listen(Engine, "before_execute", _before_execute)
     event.listen(Engine, "do_execute", _do_execute)
+    # A commit the job did not expect (an autocommit_block opening) and a savepoint send what waits
+    # first; a rollback drops it, as the server would.
+    event.listen(Engine, "commit", _send_pending)
+    event.listen(Engine, "savepoint", _send_pending)
+    event.listen(Engine, "rollback", _drop_pending)
     _listening.append(True)
 
 
@@ -176,6 +194,20 @@ def _before_execute(connection: Connection, clause: Any, multiparams: Any, param
     batch = batch_of(connection)
     if batch is not None and batch.pending():
         batch.flush(connection)
+
+
+def _send_pending(connection: Connection, *args: Any) -> None:
+    """Send what waits on the connection (before a commit or a savepoint)."""
+    batch = batch_of(connection)
+    if batch is not None and batch.pending():
+        batch.flush(connection)
+
+
+def _drop_pending(connection: Connection) -> None:
+    """Forget what waits on the connection: its transaction is rolling back."""
+    batch = batch_of(connection)
+    if batch is not None:
+        batch.statements, batch.version = [], None
 
 
 def _do_execute(cursor: DBAPICursor, statement: str, parameters: Any, context: ExecutionContext) -> bool:

@@ -44,6 +44,14 @@ REVISIONS = {
     op.execute("UPDATE items SET flag = true")
 """,
 }
+# A helper the job cannot see from the file's text opens an autocommit block mid-revision.
+HIDDEN_AUTOCOMMIT = """
+    op.create_table("jobs", sa.Column("id", sa.Integer, primary_key=True), sa.Column("state", sa.Text))
+    block = getattr(op.get_context(), "autocommit" + "_block")
+    with block():
+        op.execute("CREATE INDEX CONCURRENTLY ix_jobs_state ON jobs (state)")
+    op.add_column("jobs", sa.Column("done", sa.Boolean))
+"""
 SABOTAGE = """
     op.create_table("never", sa.Column("id", sa.Integer, primary_key=True))
     op.get_bind().execute(sa.text("DELETE FROM alembic_version"))
@@ -167,3 +175,22 @@ def test_history_values_are_quoted_whatever_they_hold(
     apply(service, target_for(database, socket_root), execution_name=awkward)
     rows = database.pg.fetch("SELECT execution FROM migrate_job_history", database=database.name)
     assert [r["execution"] for r in rows] == [awkward] and "items" in database.tables()
+
+
+def test_a_commit_the_job_did_not_expect_sends_what_waits_first(
+    make_database: Callable[..., Database], socket_root: Path | None, tmp_path: Path
+) -> None:
+    """An autocommit block opened by code the job cannot see commits what came before it, in order."""
+    service = write_service(tmp_path, {"hidden_autocommit": HIDDEN_AUTOCOMMIT})
+    database = entry_database(make_database)
+    apply(service, target_for(database, socket_root))
+    valid = database.pg.fetch(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_jobs_state'::regclass", database=database.name
+    )
+    columns = database.pg.fetch(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'jobs' ORDER BY 1",
+        database=database.name,
+    )
+    assert [r["indisvalid"] for r in valid] == [True]
+    assert [r["column_name"] for r in columns] == ["done", "id", "state"]
+    assert database.version() == ["ba7c00000001"]
