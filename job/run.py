@@ -218,6 +218,17 @@ async def close(engine: AsyncEngine, connection: AsyncConnection) -> None:
         await asyncio.wait_for(connection.close(), CLEANUP_S)
     with contextlib.suppress(Exception, asyncio.CancelledError):
         await asyncio.wait_for(engine.dispose(), CLEANUP_S)
+    _forget_dialects(engine)
+
+
+def _forget_dialects(engine: AsyncEngine) -> None:
+    """Drop SQLAlchemy's memo that holds the engine's dialect, so that the dialect goes with it."""
+    # PGDialect memoizes its has_table query in an lru_cache keyed by the dialect instance: one
+    # engine per database, it kept the last 128 dialects (compiled statements and all) alive.
+    memo = getattr(type(engine.dialect), "_has_multi_table_query", None)
+    clear = getattr(memo, "cache_clear", None)
+    if callable(clear):
+        clear()
 
 
 def confirm(yes: bool, what: str) -> None:
