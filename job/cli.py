@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         # The outcome is decided: a signal now must not turn it into a death by signal.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        _log_summary(report, code)
+        report.log_summary(code)
         logging.shutdown()
     return code
 
@@ -390,18 +390,6 @@ def _log_error(exc: BaseException, code: int) -> None:
         exc=exc if code in TRACED else None,
         exit_code=code,
         **fields,
-    )
-
-
-def _log_summary(report: RunReport, code: int) -> None:
-    """Write the ``run.summary`` line, always the last."""
-    summary = report.summary(code)
-    counts = ", ".join(f"{n} {status}" for status, n in summary["counts"].items()) or "no database"
-    logs.event(
-        "run.summary",
-        f"{report.command} {summary['status']} (exit {code}): {counts}",
-        level=logging.INFO if code == 0 else logging.ERROR,
-        **summary,
     )
 
 

@@ -176,7 +176,7 @@ class TextFormatter(logging.Formatter):
     # Already in the message, or only useful to machines.
     HIDDEN = frozenset(
         {"event", "job", "execution", "task_index", "task_attempt", "command", "url"}
-        | {"service", "database", "instance", "databases", "counts", "stack_trace"}
+        | {"service", "database", "instance", "databases", "groups", "counts", "stack_trace"}
     )
 
     def format(self, record: logging.LogRecord) -> str:
@@ -187,9 +187,12 @@ class TextFormatter(logging.Formatter):
         extras = " ".join(f"{k}={_short(v)}" for k, v in fields.items() if k not in self.HIDDEN)
         if extras:
             line += f"  [{extras}]"
-        for db in fields.get("databases") or ():
+        # The summary's databases, then its groups of databases that went the same way (past 200).
+        rows = [*(fields.get("databases") or ()), *(fields.get("groups") or ())]
+        for db in rows:
+            name = db["database"] if "count" not in db else f"[{db['count']} databases]"
             line += (
-                f"\n    {db['service']:<14} {db['database']:<20} {db['status']:<8} "
+                f"\n    {db['service']:<14} {name:<20} {db['status']:<8} "
                 f"{db['from_revision'] or 'base'} -> {db['to_revision'] or 'base'}"
                 + (f"  applied {_short(db['applied'])}" if db["applied"] else "")
             )

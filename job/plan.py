@@ -6,6 +6,7 @@ The same ``Plan`` is shown by ``plan``, judged by ``plan --check`` and applied b
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -73,6 +74,9 @@ def compute_plan(
     return _plan(service, current, destination, direction, ConfigError)
 
 
+# Databases at the same revision share one plan: a thousand tenants upgraded from empty hold one
+# list of steps, not a thousand copies of it (a Plan is frozen, and Alembic only reads its steps).
+@functools.lru_cache(maxsize=64)
 def _plan(
     service: Service,
     current: tuple[str, ...],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -76,8 +78,13 @@ class DatabaseResult:
         return out
 
 
-# Up to this many databases, run.summary lists each in full.
+# Up to this many databases, run.summary lists each in full (when that fits in SUMMARY_BYTES).
 FULL_SUMMARY_LIMIT = 200
+# Cloud Logging takes at most 256 KB per entry. The summary's fields stay under this, which leaves
+# room for the line's other fields and for what Cloud Logging adds to the entry.
+SUMMARY_BYTES = 200 * 1024
+# What makes databases one group in the compact summary: they went the same way.
+GROUP_KEY = ("service", "instance", "status", "from_revision", "to_revision", "applied", "pending")
 
 
 @dataclass
@@ -110,13 +117,88 @@ class RunReport:
         if self.shard is not None and self.shard["task_count"] > 1:
             out["shard"] = self.shard
         if len(self.databases) <= FULL_SUMMARY_LIMIT:
-            out["databases"] = [r.as_dict() for r in self.databases]
-            return out
-        # A Cloud Logging entry holds at most 256 KB: past the limit, databases with nothing to
-        # report are listed by name only, and every other one in full.
-        out["databases"] = [r.as_dict() for r in self.databases if r.status != "current"]
-        out["current"] = [f"{r.service}/{r.database}" for r in self.databases if r.status == "current"]
-        return out
+            full = {**out, "databases": [r.as_dict() for r in self.databases]}
+            if json_size(full) <= SUMMARY_BYTES:
+                return full
+        return {**out, **compact(self.databases, SUMMARY_BYTES - json_size(out))}
+
+    def log_summary(self, exit_code: int) -> None:
+        """Write the ``run.summary`` line, always the last."""
+        summary = self.summary(exit_code)
+        counts = ", ".join(f"{n} {status}" for status, n in summary["counts"].items()) or "no database"
+        message = f"{self.command} {summary['status']} (exit {exit_code}): {counts}"
+        if summary.get("omitted"):
+            message += (
+                f"; {summary['omitted']} database(s) left out of this line to keep it within one Cloud "
+                "Logging entry: each one's db.done line has its result"
+            )
+        logs.event(
+            "run.summary",
+            message,
+            level=logging.INFO if exit_code == 0 else logging.ERROR,
+            **summary,
+        )
+
+
+def compact(results: list[DatabaseResult], budget: int) -> dict[str, Any]:
+    """Return the summary's databases in at most budget bytes: problems in full, the rest grouped.
+
+    Each group's entry comes first, then the problem databases in manifest order, then each
+    group's names; a list stops at its first item that does not fit, counted in ``omitted``.
+    """
+    problems = [r.as_dict() for r in results if in_full(r)]
+    groups = _groups([r for r in results if not in_full(r)])
+    spend = _Budget(budget - json_size({"databases": [], "groups": [], "omitted": len(results)}))
+    shown = spend.take([header for header, _ in groups], extra=json_size({"databases": []}))
+    listed = spend.take(problems)
+    for header, names in groups[: len(shown)]:
+        header["databases"] = spend.take(names)
+    omitted = len(results) - len(listed) - sum(len(h["databases"]) for h in shown)
+    return {"databases": listed, "groups": shown, **({"omitted": omitted} if omitted else {})}
+
+
+def in_full(result: DatabaseResult) -> bool:
+    """Return whether the compact summary lists a database on its own: it failed or has an error."""
+    return result.status in FAILED or bool(result.error)
+
+
+def _groups(results: list[DatabaseResult]) -> list[tuple[dict[str, Any], list[str]]]:
+    """Return the databases that went the same way as one entry each, with their names, in order."""
+    groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    for result in results:
+        entry = result.as_dict()
+        header = {k: entry[k] for k in GROUP_KEY if k in entry}
+        header, names = groups.setdefault(
+            json.dumps(header), ({**header, "count": 0, "total_duration_ms": 0, "max_duration_ms": 0}, [])
+        )
+        header["count"] += 1
+        header["total_duration_ms"] += result.duration_ms
+        header["max_duration_ms"] = max(header["max_duration_ms"], result.duration_ms)
+        names.append(result.database)
+    return list(groups.values())
+
+
+class _Budget:
+    """Bytes left for the summary's lists, spent item by item."""
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+    def take(self, items: list[Any], extra: int = 0) -> list[Any]:
+        """Return the leading items that fit (each with its separator and extra bytes), and spend them."""
+        taken = []
+        for item in items:
+            size = json_size(item) + extra + 2
+            if size > self.left:
+                break
+            self.left -= size
+            taken.append(item)
+        return taken
+
+
+def json_size(value: Any) -> int:
+    """Return the bytes value takes in a log line (encoded as the Cloud Logging handler does)."""
+    return len(json.dumps(value, ensure_ascii=False).encode())
 
 
 def run_status(exit_code: int) -> str:
