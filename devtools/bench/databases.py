@@ -169,18 +169,22 @@ async def _execute(server: PgServer, statements: Sequence[str], database: str = 
         await conn.close()
 
 
-def create_database(name: str, template: str | None = None) -> str:
+def create_database(name: str, template: str | None = None, *, file_copy: bool = False) -> str:
     """Return the CREATE DATABASE of a bench database, empty or a copy of a template."""
     copy = f" TEMPLATE {quote_ident(template)}" if template else ""
-    return f"CREATE DATABASE {quote_ident(name)}{copy} OWNER {quote_ident(ROLE)}"
+    # FILE_COPY (PostgreSQL 15+) writes a copy once; the default WAL_LOG also writes it to the WAL,
+    # which makes a thousand copies, and dropping them, many times slower.
+    strategy = " STRATEGY FILE_COPY" if file_copy else ""
+    return f"CREATE DATABASE {quote_ident(name)}{copy} OWNER {quote_ident(ROLE)}{strategy}"
 
 
 def reset_databases(server: PgServer, databases: Sequence[Database], template: str | None = None) -> float:
     """Drop and create every database, empty or from template; return the seconds taken."""
     start = time.perf_counter()
+    file_copy = int(server.fetch("SHOW server_version_num")[0]["server_version_num"]) >= 150000
     statements = []
     for db in databases:
-        statements += [_drop(db), create_database(db.name, template)]
+        statements += [_drop(db), create_database(db.name, template, file_copy=file_copy)]
     asyncio.run(_execute(server, statements))
     return time.perf_counter() - start
 
