@@ -107,11 +107,23 @@ def render_manifest(databases: Sequence[Database], endpoint: Endpoint, *, list_f
 
 def alembic_url(db: Database, endpoint: Endpoint) -> str:
     """Return DATABASE_URL for a stand-alone alembic run, every component percent-quoted."""
+    return client_url(db, endpoint)
+
+
+def client_url(
+    db: Database,
+    endpoint: Endpoint,
+    *,
+    scheme: str = "postgresql",
+    socket_key: str = "host",
+    tcp_query: str = "",
+) -> str:
+    """Return a client's URL for db, every component percent-quoted: socket as a query, or TCP."""
     userinfo = f"{quote(ROLE, safe='')}:{quote(PASSWORD, safe='')}"
     sock = endpoint.socket_dir
     if sock is not None:
-        return f"postgresql://{userinfo}@/{quote(db.name, safe='')}?host={quote(str(sock), safe='/')}"
-    return f"postgresql://{userinfo}@{endpoint.host}:{endpoint.port}/{quote(db.name, safe='')}"
+        return f"{scheme}://{userinfo}@/{quote(db.name, safe='')}?{socket_key}={quote(str(sock), safe='/')}"
+    return f"{scheme}://{userinfo}@{endpoint.host}:{endpoint.port}/{quote(db.name, safe='')}{tcp_query}"
 
 
 def conninfo(db: Database, endpoint: Endpoint) -> str:

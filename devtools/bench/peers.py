@@ -14,16 +14,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 from devtools.bench.databases import (
     PASSWORD,
-    ROLE,
     SERVICES,
     Database,
     Endpoint,
     alembic_ini,
     alembic_url,
+    client_url,
     conninfo,
     mask,
     revisions,
@@ -193,11 +192,7 @@ def write_dbmate_dir(per_revision: Sequence[tuple[str, str]], directory: Path) -
 
 def dbmate_url(db: Database, endpoint: Endpoint) -> str:
     """Return dbmate's postgres:// URL for db (a socket= query for the Cloud SQL-shaped socket)."""
-    userinfo = f"{quote(ROLE, safe='')}:{quote(PASSWORD, safe='')}"
-    sock = endpoint.socket_dir
-    if sock is not None:
-        return f"postgres://{userinfo}@/{quote(db.name, safe='')}?socket={quote(str(sock), safe='/')}"
-    return f"postgres://{userinfo}@{endpoint.host}:{endpoint.port}/{quote(db.name, safe='')}?sslmode=disable"
+    return client_url(db, endpoint, scheme="postgres", socket_key="socket", tcp_query="?sslmode=disable")
 
 
 def dbmate_loop(
