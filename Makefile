@@ -14,6 +14,8 @@ REPOSITORY ?= migrate-job
 TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo manual)
 IMAGE ?= $(REGION)-docker.pkg.dev/$(PROJECT)/$(REPOSITORY)/migrate-job:$(TAG)
 JOB = migrate-job-$(ENV)
+# The Dockerfile's base image; empty keeps its default (python:3.11-slim-bookworm).
+PYTHON_IMAGE ?=
 
 # Test processes: pytest-xdist workers, each with a PostgreSQL of its own (see docs/development.md).
 TEST_WORKERS ?= 2
@@ -61,7 +63,7 @@ image-check: install
 
 image: install
 	$(UV) run --frozen python -m devtools.build_context
-	$(UV) run --frozen python -m devtools.engine build --image $(IMAGE) --revision $$(git rev-parse HEAD)
+	$(UV) run --frozen python -m devtools.engine build --image $(IMAGE) --revision $$(git rev-parse HEAD) --base "$(PYTHON_IMAGE)"
 
 image-test: install
 	$(UV) run --frozen python -m devtools.image_test

@@ -140,9 +140,10 @@ def _scan_name(scan: LayerScan, name: str, where: str) -> None:
     if CACHES.search(name):
         scan.add("package cache", where)
     base = path.name.removeprefix(".wh.")
-    # Under /app, where the job's own files are, the build's stricter rule applies; elsewhere a
-    # system image has public .pem certificates and .gpg keyrings.
-    rule = build_context.credential_kind if name.startswith(APP + "/") else build_context.named_credential
+    # Among the files copied from the clone (/app but its venv) the build's stricter rule applies;
+    # a system image and the venv's packages have public .pem certificates and .gpg keyrings.
+    copied = name.startswith(APP + "/") and not name.startswith(APP + "/.venv/")
+    rule = build_context.credential_kind if copied else build_context.named_credential
     if rule(base):
         scan.add("credential file", where)
     if any(name.startswith(d + "/") for d in BIN_DIRS) and COMPILERS.match(base):

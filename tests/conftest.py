@@ -164,6 +164,15 @@ def grant_membership(pg: PgServer, role: str, member: str = IAM_USER) -> None:
     pg.execute(f'GRANT "{role}" TO "{member}"')
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the tests marked long first (the order is otherwise kept).
+
+    Under pytest-xdist a long test collected last keeps one worker busy while the other has
+    nothing left; started first, it overlaps with the short ones.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 # Under pytest-xdist, each worker appends its processes' output to a file of its own in this
 # directory, which the controller (or a run without workers) searches at the end.
 OUTPUT_DIR_VARIABLE = "MIGRATE_TEST_OUTPUT_DIR"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from sqlalchemy.engine import URL
 
 from job import db
@@ -270,6 +271,7 @@ def waits_per_revision(job: JobProcess, load: AppLoad, end: float) -> dict[str, 
     return out
 
 
+@pytest.mark.long
 def test_each_recipe_keeps_application_queries_within_lock_timeout(
     make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
 ) -> None:

@@ -94,6 +94,7 @@ def test_key_names_are_credentials_among_the_jobs_files_but_not_in_the_system(tm
         "app/deploy/environments/tls.key": b"x",
         "app/services/s/prod-sa-key.json": b"{}",
         "etc/ssl/certs/ca.pem": b"x",
+        "app/.venv/lib/python3.11/site-packages/certifi/cacert.pem": b"x",
         "usr/share/keyrings/debian.gpg": b"x",
         "etc/app/.env": b"x",
     }
