@@ -56,6 +56,8 @@ class DatabaseEntry(BaseModel):
     max_failures: int | None = Field(default=None, ge=1)
     # Downgrades and reset of this entry's databases; None follows the manifest's top-level key.
     allow_downgrade: bool | None = None
+    # reset (drop and recreate) of this entry's databases; None follows the manifest's top-level key.
+    allow_reset: bool | None = None
     # Which [[databases]] block of the file the entry came from: a ``databases = [...]`` list
     # expands to several entries that share their canary and max_failures.
     _block: int | None = PrivateAttr(default=None)
@@ -120,6 +122,11 @@ class DatabaseEntry(BaseModel):
         return self.database
 
     @property
+    def server_database(self) -> tuple[str, str | None]:
+        """Return what identifies the database across entries: its server (or URL reference) and name."""
+        return (self.url or self.location, self.database)
+
+    @property
     def location(self) -> str:
         """Return where the database lives, for messages and the duplicate check."""
         if self.instance:
@@ -137,6 +144,8 @@ class Manifest(BaseModel):
     project: str | None = None
     socket_dir: Path = Path("/cloudsql")
     allow_downgrade: bool = True
+    # reset drops databases: only a manifest (or entry) that says so allows it, never by default.
+    allow_reset: bool = False
     databases: tuple[DatabaseEntry, ...] = Field(min_length=1)
     path: Path = Path("<memory>")
 
@@ -147,6 +156,19 @@ class Manifest(BaseModel):
             for e in entries
             if not (self.allow_downgrade if e.allow_downgrade is None else e.allow_downgrade)
         ]
+
+    def resets_refused(self, entries: Sequence[DatabaseEntry]) -> list[DatabaseEntry]:
+        """Return the entries whose databases may not be reset (allow_reset not true for them)."""
+        return [e for e in entries if not (self.allow_reset if e.allow_reset is None else e.allow_reset)]
+
+    def protected_sharing(self, entries: Sequence[DatabaseEntry]) -> list[DatabaseEntry]:
+        """Return the manifest's protected entries (downgrades refused) on a database of entries.
+
+        Two services may share a database: dropping it for one drops the other's tables too, so
+        one protected entry anywhere in the manifest protects the whole database.
+        """
+        wanted = {e.server_database for e in entries}
+        return [e for e in self.downgrades_refused(self.databases) if e.server_database in wanted]
 
     def reference(self, text: str) -> SecretRef:
         """Return the secret reference text names, resolved against the manifest's project."""
@@ -264,7 +286,7 @@ def _check_unique(manifest: Manifest) -> None:
     for i, entry in enumerate(manifest.databases):
         # Several services may share a database (each with its own version table); one service
         # may not list the same database twice.
-        key = (entry.url or entry.location, entry.database, entry.service)
+        key = (*entry.server_database, entry.service)
         if key in seen:
             raise ConfigError(
                 f"manifest {manifest.path}: databases[{i}] repeats database {entry.database!r} "

@@ -1,0 +1,86 @@
+"""Guards that cannot be talked around: reset, stamp, scratch databases, discovery, secrets, TLS.
+
+Refusals are checked before any database is touched, so most tests here are one short job run or
+an in-process call; docs/guards.md lists each guard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from job.plan import compute_plan, stamps_forward
+from job.services import discover
+from tests.conftest import Database
+from tests.support import FIXTURES, HEADS, run_job, write_manifest
+
+
+@pytest.mark.parametrize(
+    ("current", "target", "forward"),
+    [
+        ((), "b0000000003d", True),  # from base: anything is forward
+        (("b0000000001b",), "b0000000003d", True),  # onto the merge that descends from it
+        (("b0000000001b",), "b0000000002c", False),  # sideways: the other branch
+        (("b0000000003d",), "b0000000000a", False),  # backwards
+        (("b0000000003d",), "base", False),
+    ],
+)
+def test_stamp_is_forward_only_onto_a_descendant(
+    current: tuple[str, ...], target: str, forward: bool
+) -> None:
+    """A stamp is forward when every current revision stays in the new revision's ancestry."""
+    service = discover(FIXTURES / "compat")["branched"]
+    plan = compute_plan(service, current, target, "stamp")
+    assert stamps_forward(service, plan) is forward
+
+
+def test_stamp_on_a_protected_database_only_moves_forward(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """Where allow_downgrade = false, stamp base and stamp backwards are refused; forward is not."""
+    database = make_database("settlement")
+    manifest = write_manifest(tmp_path / "p.toml", [database.entry()], allow_downgrade=False)
+    env = {**job_env, "MIGRATE_MANIFEST": str(manifest)}
+    assert run_job("upgrade", "--to", "c81a6c877761", env=env).code == 0
+    _refused_stamp("base", env, database, ["c81a6c877761"])
+    forward = run_job("stamp", "head", "--yes", env=env)
+    assert forward.code == 0, forward.stdout
+    assert database.version() == [HEADS["settlement"]]
+    _refused_stamp("c81a6c877761", env, database, [HEADS["settlement"]])
+
+
+def _refused_stamp(target: str, env: dict[str, str], database: Database, version: list[str]) -> None:
+    """Assert that stamp target is refused (exit 2, naming allow_downgrade) and changes nothing."""
+    refused = run_job("stamp", target, "--yes", env=env)
+    assert refused.code == 2, refused.stdout
+    (error,) = refused.events("run.error")
+    assert "allow_downgrade" in error["message"] and "forward" in error["hint"]
+    assert database.version() == version
+
+
+def test_reset_needs_allow_reset_and_no_protected_entry_on_the_database(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """reset is refused without allow_reset, and when another service's entry on the database is protected."""
+    database = make_database("risk-engine")
+    local = {k: v for k, v in job_env.items() if not k.startswith("CLOUD_RUN_")}
+    shared = [
+        {**database.entry(), "allow_reset": True},
+        {**database.entry(), "service": "compliance", "allow_downgrade": False},
+    ]
+    cases = {
+        "no allow_reset": write_manifest(tmp_path / "a.toml", [database.entry()]),
+        "shared with a protected entry": write_manifest(tmp_path / "b.toml", shared),
+    }
+    database.pg.execute("CREATE TABLE leftover (id int)", database=database.name)
+    for why, manifest in cases.items():
+        refused = run_job(
+            "reset", "--service", "risk-engine", "--yes", env={**local, "MIGRATE_MANIFEST": str(manifest)}
+        )
+        assert refused.code == 2, (why, refused.stdout)
+        (error,) = refused.events("run.error")
+        assert "allow_reset" in error["message"] or "allow_downgrade" in error["message"], why
+        assert refused.events("db.reset") == [], why
+    assert "leftover" in database.tables(), "a refused reset touched the database"
