@@ -14,6 +14,8 @@ from job.secrets import SecretRef, parse_reference
 
 INSTANCE_PATTERN = r"^(?:[a-z0-9.-]+:)?[a-z][a-z0-9-]*:[a-z0-9-]+:[a-z0-9][a-z0-9-]*$"
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_$-]{0,62}$"
+# Databases of every PostgreSQL (templates, postgres) and of Cloud SQL (cloudsqladmin).
+SYSTEM_DATABASES = frozenset({"template0", "template1", "postgres", "cloudsqladmin"})
 
 
 class DatabaseEntry(BaseModel):
@@ -27,6 +29,8 @@ class DatabaseEntry(BaseModel):
     database: str | None = Field(default=None, pattern=NAME_PATTERN)
     discover: str | None = Field(default=None, min_length=1)
     discover_database: str = Field(default="postgres", pattern=NAME_PATTERN)
+    # Where the tasks of one execution coordinate (default: the discover_database); never migrated.
+    coordination_database: str | None = Field(default=None, pattern=NAME_PATTERN)
     instance: str | None = Field(default=None, pattern=INSTANCE_PATTERN)
     host: str | None = None
     port: int = Field(default=5432, ge=1, le=65535)
@@ -103,6 +107,18 @@ class DatabaseEntry(BaseModel):
                 'with auth = "iam", user is the IAM database user\'s name itself (or leave it out: '
                 "the job's service account gives it), not a secret reference"
             )
+
+    @property
+    def never_discovered(self) -> frozenset[str]:
+        """Return the databases a discover query of this entry may list but the job never migrates.
+
+        The templates (a table in template1 appears in every database created after), the
+        server's maintenance databases, and the databases the job itself works in.
+        """
+        return SYSTEM_DATABASES | {
+            self.discover_database,
+            self.coordination_database or self.discover_database,
+        }
 
     @property
     def block(self) -> int | None:

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from job.errors import ConfigError
+from job.manifest import DatabaseEntry
 from job.plan import compute_plan, stamps_forward
+from job.run import kept_names
 from job.services import discover
 from tests.conftest import Database
 from tests.support import FIXTURES, HEADS, run_job, write_manifest
@@ -84,3 +87,33 @@ def test_reset_needs_allow_reset_and_no_protected_entry_on_the_database(
         assert "allow_reset" in error["message"] or "allow_downgrade" in error["message"], why
         assert refused.events("db.reset") == [], why
     assert "leftover" in database.tables(), "a refused reset touched the database"
+
+
+def test_discovery_never_returns_templates_maintenance_or_its_own_databases(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """Over all of pg_database, discovery keeps neither template1 nor postgres; template1 stays untouched."""
+    database = make_database("risk-engine")
+    everything = [r["datname"] for r in database.pg.fetch("SELECT datname FROM pg_database")]
+    entry = DatabaseEntry(
+        service="risk-engine",
+        discover="SELECT 1",
+        host="h",
+        user="u",
+        password="p",
+        coordination_database="coord",
+    )
+    kept = kept_names(entry, [*everything, "cloudsqladmin", "coord"])
+    assert {"template0", "template1", "postgres", "cloudsqladmin", "coord"}.isdisjoint(kept)
+    assert database.name in kept
+    with pytest.raises(ConfigError, match="invalid names"):
+        kept_names(entry, [f"{database.name}\n"])  # no `$` newline trap
+    block = {k: v for k, v in database.entry().items() if k != "database"}
+    query = f"SELECT datname FROM pg_database WHERE datname IN ('template1', 'postgres', '{database.name}')"
+    manifest = write_manifest(tmp_path / "d.toml", [{**block, "discover": query}])
+    run = run_job(env={**job_env, "MIGRATE_MANIFEST": str(manifest)})
+    assert run.code == 0, run.stdout[-3000:]
+    assert [d["database"] for d in run.summary["databases"]] == [database.name]
+    assert sorted(e["excluded"] for e in run.events("manifest.excluded")) == ["postgres", "template1"]
+    untouched = database.pg.fetch("SELECT to_regclass('alembic_version') AS t", database="template1")
+    assert untouched[0]["t"] is None
