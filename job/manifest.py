@@ -10,10 +10,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from job.errors import ConfigError
-from job.secrets import SecretRef, parse_reference
+from job.secrets import SecretRef, literal_password, parse_reference
 
 INSTANCE_PATTERN = r"^(?:[a-z0-9.-]+:)?[a-z][a-z0-9-]*:[a-z0-9-]+:[a-z0-9][a-z0-9-]*$"
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_$-]{0,62}$"
+# The environment where literal passwords are allowed (MIGRATE_ENV's default).
+LOCAL_ENV = "local"
 # Databases of every PostgreSQL (templates, postgres) and of Cloud SQL (cloudsqladmin).
 SYSTEM_DATABASES = frozenset({"template0", "template1", "postgres", "cloudsqladmin"})
 
@@ -311,6 +313,29 @@ def _check_unique(manifest: Manifest) -> None:
                 database=entry.database,
             )
         seen[key] = i
+
+
+def refuse_literal_passwords(manifest: Manifest, env: str) -> None:
+    """Raise ConfigError for a literal password (or URL with one) outside the local environment.
+
+    Local means MIGRATE_ENV=local (the default, a workstation or a test); the deploy job
+    definitions set MIGRATE_ENV to their environment, so Cloud Run executions never accept one.
+    """
+    if env == LOCAL_ENV:
+        return
+    for i, entry in enumerate(manifest.databases):
+        for key in ("password", "url"):
+            text = getattr(entry, key)
+            literal = text is not None and manifest.reference(text).scheme == "literal"
+            if literal and (key == "password" or literal_password(text)):
+                raise ConfigError(
+                    f"manifest {manifest.path}: databases[{i}].{key} is a literal password, refused "
+                    f"for environment {env!r} (MIGRATE_ENV); the value is not shown",
+                    hint=f"use a secret reference (secretmanager://NAME, env://VAR, file:///path) for "
+                    f"{key}; literals are for MIGRATE_ENV={LOCAL_ENV} only",
+                    service=entry.service,
+                    database=entry.database,
+                )
 
 
 def _check_references(manifest: Manifest) -> None:

@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 from job import db, logs, recorder, version
 from job.errors import ConfigError
-from job.manifest import NAME_PATTERN, DatabaseEntry, Manifest, load_manifest, shard, with_entries
+from job.manifest import (
+    NAME_PATTERN,
+    DatabaseEntry,
+    Manifest,
+    load_manifest,
+    refuse_literal_passwords,
+    shard,
+    with_entries,
+)
 from job.plan import RELATIVE, resolve_revision
 from job.report import RunReport
 from job.secrets import SecretResolver
@@ -110,6 +118,7 @@ def prepare(
     """Return the run for the selected databases; raise ConfigError for anything invalid."""
     shipped = discover(settings.services_dir)
     manifest = load_manifest(settings.manifest_path(), shipped)
+    refuse_literal_passwords(manifest, settings.env)
     run = Run(settings, cloud_run, manifest, shipped, [], report, (services, databases), jobs)
     if not run.undiscovered:
         _select_share(run)

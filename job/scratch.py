@@ -18,6 +18,7 @@ from job.errors import ConfigError
 from job.manifest import DatabaseEntry
 from job.report import DatabaseResult, RunReport
 from job.run import Run
+from job.secrets import refuse_literal_url
 from job.services import Service
 
 
@@ -25,6 +26,7 @@ def admin_url(run: Run, scratch: str) -> Any:
     """Return the URL (from a secret reference) of a server where scratch databases are made."""
     from sqlalchemy.engine import make_url
 
+    refuse_literal_url(scratch, "--scratch")
     raw = run.resolver.resolve(run.manifest.reference(scratch))
     try:
         database = make_url(raw.get_secret_value()).database or "postgres"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from job import logs
 from job.errors import ConfigError
 from job.manifest import DatabaseEntry
 from job.plan import compute_plan, stamps_forward
@@ -117,3 +118,50 @@ def test_discovery_never_returns_templates_maintenance_or_its_own_databases(
     assert sorted(e["excluded"] for e in run.events("manifest.excluded")) == ["postgres", "template1"]
     untouched = database.pg.fetch("SELECT to_regclass('alembic_version') AS t", database="template1")
     assert untouched[0]["t"] is None
+
+
+def test_literal_passwords_are_refused_outside_local_and_in_url_flags(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """--scratch refuses a literal URL with a password; a non-local manifest refuses literal passwords."""
+    database = make_database("settlement")
+    manifest = write_manifest(tmp_path / "m.toml", [database.entry()])
+    env = {**job_env, "MIGRATE_MANIFEST": str(manifest)}
+    literal = f"postgresql://{database.role}:{database.password}@localhost/postgres"
+    scratch = run_job("verify", "--scratch", literal, env=env)
+    assert scratch.code == 2, scratch.stdout
+    assert "--scratch" in scratch.events("run.error")[0]["message"]
+    staging = run_job("plan", env={**env, "MIGRATE_ENV": "staging"})
+    assert staging.code == 2, staging.stdout
+    (error,) = staging.events("run.error")
+    assert "databases[0].password" in error["message"] and "MIGRATE_ENV" in error["message"]
+    assert staging.events("db.connected") == []
+
+
+def test_a_failing_create_role_does_not_show_its_password(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """The SQL of a failed statement is masked for PASSWORD '...' clauses in every output."""
+    database = make_database("rolepw")
+    manifest = write_manifest(tmp_path / "m.toml", [database.entry()])
+    env = {**job_env, "MIGRATE_MANIFEST": str(manifest), "MIGRATE_SERVICES_DIR": str(FIXTURES / "guards")}
+    failed = run_job(env=env)
+    assert failed.code == 7, failed.stdout
+    assert "mj_guard_no_such_role" in failed.stdout, "the error still shows the statement"
+    assert "rolepw-Secret-4711" not in failed.stdout + failed.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("CREATE ROLE a LOGIN PASSWORD 'x1y2z3'", "CREATE ROLE a LOGIN PASSWORD '***'"),
+        ("ALTER ROLE a ENCRYPTED PASSWORD 'it''s x1y2z3'", "ALTER ROLE a ENCRYPTED PASSWORD '***'"),
+        ("CREATE ROLE a PASSWORD $p$x1y2z3$p$ LOGIN", "CREATE ROLE a PASSWORD '***' LOGIN"),
+        ("postgresql+asyncpg://u:x1y2z3@h:5432/db", "postgresql+asyncpg://u:***@h:5432/db"),
+        ("host=h password=x1y2z3 dbname=d", "host=h password=*** dbname=d"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+    ],
+)
+def test_scrub_masks_passwords_by_their_shape(text: str, shown: str) -> None:
+    """Password clauses and connection strings are masked even when no secret was registered."""
+    assert logs.scrub(text) == shown
