@@ -164,6 +164,8 @@ class Manifest(BaseModel):
     allow_downgrade: bool = True
     # reset drops databases: only a manifest (or entry) that says so allows it, never by default.
     allow_reset: bool = False
+    # The one server a --scratch reference may share with the manifest's databases (a reference).
+    scratch_server: str | None = None
     databases: tuple[DatabaseEntry, ...] = Field(min_length=1)
     path: Path = Path("<memory>")
 

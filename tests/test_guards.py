@@ -6,11 +6,16 @@ an in-process call; docs/guards.md lists each guard.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from devtools.pgserver import PgServer
 from job import logs
 from job.errors import ConfigError
 from job.manifest import DatabaseEntry
@@ -18,7 +23,19 @@ from job.plan import compute_plan, stamps_forward
 from job.run import kept_names
 from job.services import discover
 from tests.conftest import Database
-from tests.support import FIXTURES, HEADS, run_job, write_manifest
+from tests.support import (
+    FIXTURES,
+    HEADS,
+    REPO,
+    JobRun,
+    job_environment,
+    record_output,
+    run_job,
+    write_manifest,
+)
+
+# Test-only services of these guards: rolepw (a failing CREATE ROLE ... PASSWORD), tiny (one revision).
+GUARDS = FIXTURES / "guards"
 
 
 @pytest.mark.parametrize(
@@ -144,7 +161,7 @@ def test_a_failing_create_role_does_not_show_its_password(
     """The SQL of a failed statement is masked for PASSWORD '...' clauses in every output."""
     database = make_database("rolepw")
     manifest = write_manifest(tmp_path / "m.toml", [database.entry()])
-    env = {**job_env, "MIGRATE_MANIFEST": str(manifest), "MIGRATE_SERVICES_DIR": str(FIXTURES / "guards")}
+    env = {**job_env, "MIGRATE_MANIFEST": str(manifest), "MIGRATE_SERVICES_DIR": str(GUARDS)}
     failed = run_job(env=env)
     assert failed.code == 7, failed.stdout
     assert "mj_guard_no_such_role" in failed.stdout, "the error still shows the statement"
@@ -165,3 +182,67 @@ def test_a_failing_create_role_does_not_show_its_password(
 def test_scrub_masks_passwords_by_their_shape(text: str, shown: str) -> None:
     """Password clauses and connection strings are masked even when no secret was registered."""
     assert logs.scrub(text) == shown
+
+
+def test_a_scratch_reference_on_a_manifest_database_server_is_refused_unless_named(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """verify --scratch on the server of a manifest database is exit 2, unless scratch_server names it."""
+    database = make_database("tiny")
+    if not database.pg.host:
+        pytest.skip("the test server has no TCP address to compare")
+    entry = {**database.entry(), "host": database.pg.host, "port": database.pg.port}
+    entry.pop("instance", None)
+    env = {**job_env, "VERIFY_URL": database.pg.admin_dsn("postgres"), "MIGRATE_SERVICES_DIR": str(GUARDS)}
+    refused = run_job(
+        "verify",
+        "--scratch",
+        "env://VERIFY_URL",
+        env={**env, "MIGRATE_MANIFEST": str(write_manifest(tmp_path / "a.toml", [entry]))},
+    )
+    assert refused.code == 2, refused.stdout
+    (error,) = refused.events("run.error")
+    assert "server of database" in error["message"] and "scratch_server" in error["hint"]
+    named = write_manifest(tmp_path / "b.toml", [entry], scratch_server="env://VERIFY_URL")
+    allowed = run_job("verify", "--scratch", "env://VERIFY_URL", env={**env, "MIGRATE_MANIFEST": str(named)})
+    assert allowed.code == 0, allowed.stdout
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare for PID namespaces"
+)
+def test_two_verify_runs_each_as_pid_1_share_one_scratch_server(
+    pg: PgServer, tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """Scratch names carry a random part: two runs as PID 1 (as in two containers) do not collide."""
+    entry = {
+        "service": "tiny",
+        "database": "tiny",
+        "host": "db.invalid",
+        "user": "u",
+        "password": "p",
+    }
+    manifest = write_manifest(tmp_path / "m.toml", [entry])
+    env = job_environment(
+        {
+            **job_env,
+            "MIGRATE_MANIFEST": str(manifest),
+            "MIGRATE_SERVICES_DIR": str(GUARDS),
+            "VERIFY_URL": pg.admin_dsn("postgres"),
+        }
+    )
+    command = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", 'echo "pid=$$" >&2; exec "$@"', "sh"]
+    command += [sys.executable, "-m", "job", "verify", "--scratch", "env://VERIFY_URL"]
+    runs = [
+        subprocess.Popen(
+            command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    for run, (stdout, stderr) in zip(runs, outputs, strict=True):
+        record_output(stdout + stderr)
+        assert "pid=1" in stderr
+        assert run.returncode == 0, stdout[-3000:]
+    names = [JobRun(0, stdout, "").summary["databases"][0]["database"] for stdout, _ in outputs]
+    assert names[0] != names[1] and all(n.startswith("mj_verify_tiny_") for n in names)
