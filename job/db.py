@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import SecretStr
 
-from job import iam, logs
+from job import iam, logs, tls
 from job.errors import ConfigError, ConnectError, MigrateJobError, SecretError
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ class Target:
 
     entry: DatabaseEntry
     url: URL
+    ssl_root: str | None = None  # the CA certificate (PEM, public) the entry's sslrootcert names
 
     @property
     def service(self) -> str:
@@ -77,10 +78,11 @@ def resolve_target(
             user = resolver.resolve(manifest.reference(entry.user), secret=False).get_secret_value()
             password = resolver.resolve(manifest.reference(entry.password))
             url = build_url(entry, user, password, socket_root)
+        root = entry.sslrootcert and resolver.resolve(manifest.reference(entry.sslrootcert), secret=False)
     except SecretError as exc:
         exc.service, exc.database = entry.service, entry.database
         raise
-    return Target(entry, url)
+    return Target(entry, url, root.get_secret_value() if root else None)
 
 
 def build_url(entry: DatabaseEntry, user: str, password: SecretStr | None, socket_root: Path) -> URL:
@@ -190,6 +192,7 @@ async def connect(
 
     settings = server_settings(target, application_name)
     login = {"timeout": min(10.0, timeout_s), "server_settings": settings, **iam.login_args(target.entry)}
+    login.update(tls.connect_args(target))
     engine = engines.engine_for(target.url, login)
     engines.connecting_to(target.database)
     return engine, await with_retries(target, timeout_s, engine.connect)
@@ -210,9 +213,8 @@ async def connect_raw(target: Target, *, timeout_s: float, application_name: str
         "timeout": min(10.0, timeout_s),
         "server_settings": server_settings(target, application_name),
         **iam.login_args(target.entry),
+        **tls.connect_args(target),
     }
-    if "ssl" in query:
-        kwargs["ssl"] = query["ssl"]
     return await with_retries(target, timeout_s, lambda: asyncpg.connect(**kwargs))
 
 
@@ -333,7 +335,7 @@ def sqlstate(exc: BaseException | None) -> str | None:
 
 def is_transient(exc: BaseException) -> bool:
     """Return True for failures that another connection attempt may cure."""
-    if isinstance(exc, MigrateJobError):
+    if isinstance(exc, MigrateJobError) or tls.refused(exc, _causes(exc)):
         return False
     state = sqlstate(exc)
     if state is not None:
@@ -420,6 +422,8 @@ def connect_error(target: Target, exc: BaseException, elapsed_s: float) -> Conne
         hint = f"create database {entry.database} on {entry.location} or fix the manifest"
     elif state == "28000":
         hint = f"check that role {target.url.username} exists and may log in"
+    elif tls.refused(exc, _causes(exc)):
+        hint = tls.hint(target)
     elif entry.instance:
         socket = Path(target.url.query["host"]) / SOCKET_FILE  # type: ignore[arg-type]
         hint = (

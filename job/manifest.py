@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from job import tls
 from job.errors import ConfigError
 from job.secrets import SecretRef, literal_password, parse_reference
 
@@ -42,6 +43,10 @@ class DatabaseEntry(BaseModel):
     # "iam": Cloud SQL IAM database login, the job's service account as user and a fresh OAuth2
     # token as password (job/iam.py); no password to store or rotate.
     auth: Literal["password", "iam"] = "password"
+    # TLS over TCP (job/tls.py): host entries default to "require"; sockets need none.
+    sslmode: Literal["disable", "require", "verify-ca", "verify-full"] | None = None
+    # A secret reference to the CA certificate (PEM) that verify-ca and verify-full trust.
+    sslrootcert: str | None = None
     # A role every connection of the entry switches to (SET ROLE at login), so the objects
     # migrations create belong to it, whoever logs in.
     owner: str | None = Field(default=None, pattern=NAME_PATTERN)
@@ -81,6 +86,7 @@ class DatabaseEntry(BaseModel):
             raise ValueError(
                 'discover needs instance or host and a login (user and password, or auth = "iam"), not url'
             )
+        tls.check_entry(self)
         if self.auth == "iam":
             self._check_iam_login()
         elif self.url is not None:
@@ -343,7 +349,7 @@ def refuse_literal_passwords(manifest: Manifest, env: str) -> None:
 def _check_references(manifest: Manifest) -> None:
     """Raise ConfigError for a malformed secret reference, naming the entry."""
     for i, entry in enumerate(manifest.databases):
-        for key in ("user", "password", "url"):
+        for key in ("user", "password", "url", "sslrootcert"):
             text = getattr(entry, key)
             if text is None:
                 continue

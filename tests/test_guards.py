@@ -18,7 +18,7 @@ import pytest
 from devtools.pgserver import PgServer
 from job import logs
 from job.errors import ConfigError
-from job.manifest import DatabaseEntry
+from job.manifest import DatabaseEntry, parse_manifest
 from job.plan import compute_plan, stamps_forward
 from job.run import kept_names
 from job.services import discover
@@ -246,3 +246,39 @@ def test_two_verify_runs_each_as_pid_1_share_one_scratch_server(
         assert run.returncode == 0, stdout[-3000:]
     names = [JobRun(0, stdout, "").summary["databases"][0]["database"] for stdout, _ in outputs]
     assert names[0] != names[1] and all(n.startswith("mj_verify_tiny_") for n in names)
+
+
+def test_a_tcp_entry_that_cannot_get_tls_fails_with_exit_4_naming_sslmode(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """Over TCP, TLS is required by default; a server without it is exit 4 at once, not retried."""
+    database = make_database("tiny")
+    if not database.pg.host:
+        pytest.skip("the test server has no TCP address")
+    entry = {k: v for k, v in database.entry().items() if k not in ("instance", "sslmode")}
+    entry |= {"host": database.pg.host, "port": database.pg.port}
+    env = {**job_env, "MIGRATE_SERVICES_DIR": str(GUARDS), "MIGRATE_CONNECT_TIMEOUT_S": "30"}
+    for extra in ({}, {"sslmode": "require"}):
+        manifest = write_manifest(tmp_path / "m.toml", [{**entry, **extra}])
+        run = run_job("plan", env={**env, "MIGRATE_MANIFEST": str(manifest)})
+        assert run.code == 4, run.stdout
+        (error,) = run.events("run.error")
+        assert "sslmode" in error["hint"], error
+        assert run.events("db.connect_retry") == [], "a refused TLS upgrade is not retried"
+    plain = write_manifest(tmp_path / "m.toml", [{**entry, "sslmode": "disable"}])
+    assert run_job("plan", env={**env, "MIGRATE_MANIFEST": str(plain)}).code == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"instance": "p:r:i", "sslmode": "require"}, "a Cloud SQL socket needs no TLS"),
+        ({"host": "h", "sslmode": "require", "sslrootcert": "env://CA"}, "sslrootcert needs"),
+        ({"host": "h", "sslmode": "prefer"}, "sslmode"),
+    ],
+)
+def test_tls_keys_that_cannot_apply_are_configuration_errors(extra: dict[str, str], message: str) -> None:
+    """sslmode on a socket entry, sslrootcert without verification, or a weak mode: exit 2."""
+    raw = {"databases": [{"service": "settlement", "database": "d", "user": "u", "password": "p", **extra}]}
+    with pytest.raises(ConfigError, match=message):
+        parse_manifest(raw, {"settlement"}, path=Path("m.toml"))

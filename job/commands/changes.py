@@ -112,7 +112,7 @@ def _refuse_backward_stamps(run: Run, inspected: Inspected) -> None:
 
 async def reset(run: Run, *, yes: bool = False) -> None:
     """Drop and recreate each selected database, then upgrade it to head (development only)."""
-    from job import iam
+    from job import iam, tls
     from job.scratch import recreate
 
     if run.cloud_run.job:
@@ -133,7 +133,7 @@ async def reset(run: Run, *, yes: bool = False) -> None:
             target.database,
             create=True,
             what="the",
-            login=iam.login_args(target.entry),
+            login={**iam.login_args(target.entry), **tls.connect_args(target)},
             hint=f"reset connects to {target.entry.discover_database} on the same server as "
             f"{target.entry.user or 'the login'}, which must own the database and have CREATEDB",
         )
