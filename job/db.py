@@ -111,7 +111,7 @@ def build_url(entry: DatabaseEntry, user: str, password: SecretStr | None, socke
 
 # The kernel's limit for a unix socket path (sun_path), including the final NUL.
 MAX_SOCKET_PATH = 107
-SSL_MODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+SSL_MODES = set(tls.MODES)  # not allow or prefer: they fall back to plain text
 
 
 def check_socket_path(entry: DatabaseEntry, path: Path) -> None:
