@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from job.secrets import SecretResolver
 
 DRIVER = "postgresql+asyncpg"
+# The schema of every session's search_path, and of the job's tables when env.py names none.
+DEFAULT_SCHEMA = "public"
 SOCKET_FILE = ".s.PGSQL.5432"
 # SQLSTATEs that will not change by trying again: wrong password, no such role or database.
 FATAL_SQLSTATES = {
@@ -176,6 +178,8 @@ def server_settings(target: Target, application_name: str | None = None) -> dict
     settings = {
         "lock_timeout": str(int(target.entry.lock_timeout_s * 1000)),
         "statement_timeout": str(int(target.entry.statement_timeout_s * 1000)),
+        # Not the default "$user", public: a schema named after the login cannot shadow anything.
+        "search_path": quote_ident(DEFAULT_SCHEMA),
     }
     if application_name:
         settings["application_name"] = application_name
@@ -266,7 +270,7 @@ async def read_version(
     """
     import asyncpg
 
-    where = f"{quote_ident(schema)}.{quote_ident(table)}" if schema else quote_ident(table)
+    where = f"{quote_ident(schema or DEFAULT_SCHEMA)}.{quote_ident(table)}"
     try:
         sql = f"SELECT version_num, to_regclass($1) IS NOT NULL FROM {where}"
         rows = await connection.fetch(sql, history)

@@ -35,8 +35,13 @@ REPORT_EVERY_S = 30.0
 
 
 def lock_key(service: str, version_table: str, schema: str | None) -> int:
-    """Return the signed 64-bit advisory lock key for a service's history."""
-    name = f"migrate-job:{service}:{schema or ''}.{version_table}".encode()
+    """Return the signed 64-bit advisory lock key for a service's history.
+
+    The schema is the resolved one: none and "public" are the same table (every session's
+    search_path is public), so they give the same key, spelled as older images spelled none.
+    """
+    resolved = "" if schema in (None, "public") else schema
+    name = f"migrate-job:{service}:{resolved}.{version_table}".encode()
     return int.from_bytes(hashlib.sha256(name).digest()[:8], "big", signed=True)
 
 

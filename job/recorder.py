@@ -42,10 +42,10 @@ Fetch = Callable[..., Awaitable[Sequence[Any]]]
 
 
 def table_name(schema: str | None) -> str:
-    """Return the history table's quoted name, in the version table's schema."""
-    from job.db import quote_ident
+    """Return the history table's qualified name, in the version table's schema (default: public)."""
+    from job.db import DEFAULT_SCHEMA, quote_ident
 
-    return f"{quote_ident(schema)}.{quote_ident(TABLE)}" if schema else quote_ident(TABLE)
+    return f"{quote_ident(schema or DEFAULT_SCHEMA)}.{quote_ident(TABLE)}"
 
 
 def create_sql(schema: str | None) -> str:

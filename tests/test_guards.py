@@ -18,6 +18,7 @@ import pytest
 from devtools.pgserver import PgServer
 from job import logs
 from job.errors import ConfigError
+from job.lock import lock_key
 from job.manifest import DatabaseEntry, parse_manifest
 from job.plan import compute_plan, stamps_forward
 from job.run import kept_names
@@ -31,6 +32,7 @@ from tests.support import (
     job_environment,
     record_output,
     run_job,
+    scratch_url,
     write_manifest,
 )
 
@@ -193,7 +195,7 @@ def test_a_scratch_reference_on_a_manifest_database_server_is_refused_unless_nam
         pytest.skip("the test server has no TCP address to compare")
     entry = {**database.entry(), "host": database.pg.host, "port": database.pg.port}
     entry.pop("instance", None)
-    env = {**job_env, "VERIFY_URL": database.pg.admin_dsn("postgres"), "MIGRATE_SERVICES_DIR": str(GUARDS)}
+    env = {**job_env, "VERIFY_URL": scratch_url(database.pg), "MIGRATE_SERVICES_DIR": str(GUARDS)}
     refused = run_job(
         "verify",
         "--scratch",
@@ -228,7 +230,7 @@ def test_two_verify_runs_each_as_pid_1_share_one_scratch_server(
             **job_env,
             "MIGRATE_MANIFEST": str(manifest),
             "MIGRATE_SERVICES_DIR": str(GUARDS),
-            "VERIFY_URL": pg.admin_dsn("postgres"),
+            "VERIFY_URL": scratch_url(pg),
         }
     )
     command = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", 'echo "pid=$$" >&2; exec "$@"', "sh"]
@@ -282,3 +284,22 @@ def test_tls_keys_that_cannot_apply_are_configuration_errors(extra: dict[str, st
     raw = {"databases": [{"service": "settlement", "database": "d", "user": "u", "password": "p", **extra}]}
     with pytest.raises(ConfigError, match=message):
         parse_manifest(raw, {"settlement"}, path=Path("m.toml"))
+
+
+def test_sessions_use_an_explicit_search_path_and_the_lock_key_the_resolved_schema(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """A version table planted in a schema named after the login ("$user") is never read or used."""
+    database = make_database("tiny")
+    planted = f'CREATE SCHEMA "{database.role}" AUTHORIZATION "{database.role}"; '
+    planted += f'CREATE TABLE "{database.role}".alembic_version (version_num varchar(32) PRIMARY KEY); '
+    planted += f"INSERT INTO \"{database.role}\".alembic_version VALUES ('planted00001')"
+    database.pg.execute(planted, database=database.name)
+    manifest = write_manifest(tmp_path / "m.toml", [database.entry()])
+    env = {**job_env, "MIGRATE_MANIFEST": str(manifest), "MIGRATE_SERVICES_DIR": str(GUARDS)}
+    run = run_job(env=env)
+    assert run.code == 0, run.stdout[-3000:]
+    assert run.summary["databases"][0]["from_revision"] is None
+    assert database.version() == ["tiny00000001"], "the version table is public's"
+    assert lock_key("tiny", "alembic_version", None) == lock_key("tiny", "alembic_version", "public")
+    assert lock_key("tiny", "alembic_version", "ops") != lock_key("tiny", "alembic_version", None)
