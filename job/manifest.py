@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -267,17 +268,28 @@ def with_entries(manifest: Manifest, entries: list[DatabaseEntry]) -> Manifest:
 
 
 def shard(entries: list[DatabaseEntry], index: int, count: int) -> list[DatabaseEntry]:
-    """Return task ``index``'s share of ``count``: every entry whose position modulo count is index.
+    """Return task ``index``'s share of ``count``: the entries whose database hashes to it, in order.
 
-    Shares are disjoint and together complete, and an entry's task depends only on its position,
-    so every task of a Cloud Run execution computes the same split without talking to the others.
+    A database's task depends only on its own identity (server and name), never on its position:
+    when a database is created or dropped between two tasks' discover queries, no other database
+    changes task, so none is skipped by every task (or taken by two). Every entry of one database
+    (several services may share it) goes to the same task.
     """
     if count < 1 or not 0 <= index < count:
         raise ConfigError(
             f"task index {index} is not within a task count of {count}",
             hint="CLOUD_RUN_TASK_INDEX must be at least 0 and below CLOUD_RUN_TASK_COUNT",
         )
-    return entries[index::count]
+    if count == 1:
+        return list(entries)
+    return [e for e in entries if task_of(e, count) == index]
+
+
+def task_of(entry: DatabaseEntry, count: int) -> int:
+    """Return the task (of count) that migrates an entry's database: a stable hash of its identity."""
+    where, database = entry.server_database
+    digest = hashlib.sha256(f"{where}\0{database}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % count
 
 
 def _describe(exc: ValidationError) -> str:
