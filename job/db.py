@@ -297,7 +297,8 @@ async def watch_client(connection: AsyncConnection) -> None:
     """
     raw = await driver(connection)
     if raw.get_server_version() >= (14,):
-        await raw.execute("SET client_connection_check_interval = '2s'")
+        # Nor may the server end the lock's session while env.py migrates on its own connection.
+        await raw.execute("SET client_connection_check_interval = '2s'; SET idle_session_timeout = 0")
 
 
 async def backend_pid(connection: AsyncConnection) -> int:

@@ -137,6 +137,8 @@ class Recorder:
         self.service = service
         self.identity = identity
         self.direction = direction
+        # A statement that fails unless the migration lock is still held (job.lock.guard_sql).
+        self.guard: str | None = None
 
     def attach(self, context: MigrationContext, *, create_table: bool = False) -> None:
         """Register with the migration context (its on_version_apply hook).
@@ -172,6 +174,7 @@ class Recorder:
 
         values = row(self.service.name, revision, direction, digest, self.identity)
         create = [create_sql(schema)] if create_table else []
+        create += [self.guard] if self.guard else []
         batch = batching.batch_of(connection)
         if batch is not None and batch.open:
             # Sent with the revision's statements and its version move: one round trip in all.

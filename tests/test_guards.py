@@ -18,7 +18,7 @@ import pytest
 from devtools.pgserver import PgServer
 from job import logs
 from job.errors import ConfigError
-from job.lock import lock_key
+from job.lock import MigrationLock, lock_key
 from job.manifest import DatabaseEntry, parse_manifest
 from job.plan import compute_plan, stamps_forward
 from job.run import kept_names
@@ -303,3 +303,37 @@ def test_sessions_use_an_explicit_search_path_and_the_lock_key_the_resolved_sche
     assert database.version() == ["tiny00000001"], "the version table is public's"
     assert lock_key("tiny", "alembic_version", None) == lock_key("tiny", "alembic_version", "public")
     assert lock_key("tiny", "alembic_version", "ops") != lock_key("tiny", "alembic_version", None)
+
+
+def test_a_revision_cannot_commit_once_its_lock_session_is_gone(
+    make_database: Callable[..., Database],
+) -> None:
+    """The guard each revision runs before its commit fails when the lock's session has ended."""
+    import asyncio
+
+    import asyncpg
+
+    database = make_database("tiny")
+    dsn = database.pg.admin_dsn(database.name)
+    lock = MigrationLock(None, None, lock_key("tiny", "alembic_version", None))  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        holder, migrating = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+        try:
+            assert await holder.fetchval("SELECT pg_try_advisory_lock($1)", lock.key)
+            guard = lock.guard_sql(holder.get_server_pid())
+            async with migrating.transaction():
+                await migrating.execute(guard)  # held: the revision may commit
+            await migrating.execute("SELECT pg_terminate_backend($1)", holder.get_server_pid())
+            await asyncio.sleep(0.2)
+            with pytest.raises(asyncpg.LockNotAvailableError, match="lost the migration lock"):
+                async with migrating.transaction():
+                    await migrating.execute("CREATE TABLE never_committed (id int)")
+                    await migrating.execute(guard)
+            gone = await migrating.fetchval("SELECT to_regclass('never_committed')")
+            assert gone is None, "the revision rolled back"
+        finally:
+            await holder.close()
+            await migrating.close()
+
+    asyncio.run(scenario())
