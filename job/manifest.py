@@ -343,6 +343,12 @@ def refuse_literal_passwords(manifest: Manifest, env: str) -> None:
     """
     if env == LOCAL_ENV:
         return
+    if manifest.scratch_server is not None and literal_password(manifest.scratch_server):
+        raise ConfigError(
+            f"manifest {manifest.path}: scratch_server is a literal URL with a password, refused for "
+            f"environment {env!r} (MIGRATE_ENV); the value is not shown",
+            hint="name the scratch server by the same secret reference that --scratch is given",
+        )
     for i, entry in enumerate(manifest.databases):
         for key in ("password", "url"):
             text = getattr(entry, key)
