@@ -337,3 +337,25 @@ def test_a_revision_cannot_commit_once_its_lock_session_is_gone(
             await migrating.close()
 
     asyncio.run(scenario())
+
+
+def test_tls_mode_defaults_by_transport() -> None:
+    """TCP requires TLS unless the entry or URL says otherwise; Cloud SQL sockets need none."""
+    from sqlalchemy.engine import make_url
+
+    from job import tls
+    from job.db import Target
+
+    def mode(url: str, **entry: str) -> str:
+        where = entry or {"url": "env://U"}
+        built = DatabaseEntry(
+            service="s", database="d", **({"user": "u", "password": "p"} if entry else {}), **where
+        )
+        return tls.mode(Target(built, make_url(url)))
+
+    assert mode("postgresql+asyncpg://u@h/d", host="h") == "require"
+    assert mode("postgresql+asyncpg://u@h/d", host="h", sslmode="disable") == "disable"
+    assert mode("postgresql+asyncpg://u@/d?host=/cloudsql/p:r:i", instance="p:r:i") == "disable"
+    assert mode("postgresql+asyncpg://u@/d?host=/cloudsql/p:r:i") == "disable"
+    assert mode("postgresql+asyncpg://u@h/d") == "require"
+    assert mode("postgresql+asyncpg://u@h/d?ssl=verify-full") == "verify-full"
