@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import ssl
 
-    from job.db import Target
-    from job.manifest import DatabaseEntry
+# job.db's Target and job.manifest's DatabaseEntry, which both import this module: duck-typed here.
+Target = Any
+DatabaseEntry = Any
 
 MODES = ("disable", "require", "verify-ca", "verify-full")
 # What asyncpg says when the server answers the TLS request with "no".
