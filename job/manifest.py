@@ -184,6 +184,11 @@ class Manifest(BaseModel):
             if not (self.allow_downgrade if e.allow_downgrade is None else e.allow_downgrade)
         ]
 
+    def protected(self, entries: Sequence[DatabaseEntry]) -> list[DatabaseEntry]:
+        """Return the entries whose database is protected: any entry naming it refuses downgrades."""
+        shielded = {e.server_database for e in self.downgrades_refused(self.databases)}
+        return [e for e in entries if e.server_database in shielded or e in self.downgrades_refused([e])]
+
     def resets_refused(self, entries: Sequence[DatabaseEntry]) -> list[DatabaseEntry]:
         """Return the entries whose databases may not be reset (allow_reset not true for them)."""
         return [e for e in entries if not (self.allow_reset if e.allow_reset is None else e.allow_reset)]

@@ -107,6 +107,13 @@ def test_reset_needs_allow_reset_and_no_protected_entry_on_the_database(
         assert "allow_reset" in error["message"] or "allow_downgrade" in error["message"], why
         assert refused.events("db.reset") == [], why
     assert "leftover" in database.tables(), "a refused reset touched the database"
+    # Stamping back is refused through the shared database too (compliance's entry protects it).
+    env = {**local, "MIGRATE_MANIFEST": str(cases["shared with a protected entry"])}
+    assert run_job("upgrade", "--service", "risk-engine", env=env).code == 0
+    stamped = run_job("stamp", "base", "--service", "risk-engine", "--yes", env=env)
+    assert stamped.code == 2, stamped.stdout
+    assert "allow_downgrade" in stamped.events("run.error")[0]["message"]
+    assert database.version() == [HEADS["risk-engine"]]
 
 
 def test_discovery_never_returns_templates_maintenance_or_its_own_databases(

@@ -40,12 +40,12 @@ async def downgrade(run: Run, to: str, *, yes: bool = False) -> None:
 
 
 def _refuse_where_not_allowed(run: Run, what: str, hint: str) -> None:
-    """Raise ConfigError if any selected database's entry (or the manifest) sets allow_downgrade = false."""
-    refused = run.manifest.downgrades_refused(run.entries)
+    """Raise ConfigError if a selected database is protected (allow_downgrade = false on any entry of it)."""
+    refused = run.manifest.protected(run.entries)
     if refused:
-        names = ", ".join(e.label for e in refused[:5]) + (" ..." if len(refused) > 5 else "")
         raise ConfigError(
-            f"manifest {run.manifest.path} sets allow_downgrade = false for {names}: {what} refused here",
+            f"manifest {run.manifest.path} sets allow_downgrade = false for {_names(refused)} (or for "
+            f"another service's entry on the same database): {what} refused here",
             hint=hint,
         )
 
@@ -92,7 +92,7 @@ def _refuse_backward_stamps(run: Run, inspected: Inspected) -> None:
     Stamping backwards or sideways makes the next upgrade run revisions again on tables that
     already have them; stamping forward only records what was applied by hand (or a restore).
     """
-    protected = {id(e) for e in run.manifest.downgrades_refused(run.entries)}
+    protected = {id(e) for e in run.manifest.protected(run.entries)}
     for result, execution in inspected:
         plan = execution.plan
         if id(execution.target.entry) not in protected or plan is None or not plan.pending:
