@@ -53,7 +53,7 @@ def parse_reference(text: str, *, project: str | None) -> SecretRef:
         return _parse_secretmanager(text.removeprefix("secretmanager://"), project)
     if text.startswith("env://"):
         name = text.removeprefix("env://")
-        if not _ENV_VAR.match(name):
+        if not _ENV_VAR.fullmatch(name):
             raise ConfigError(f"bad secret reference env://{name}: not an environment variable name")
         return SecretRef("env", name)
     if text.startswith("file://"):
@@ -100,14 +100,14 @@ def refuse_literal_url(text: str, flag: str) -> None:
 
 def _parse_secretmanager(rest: str, project: str | None) -> SecretRef:
     """Return a Secret Manager reference as a full version resource name."""
-    full = _FULL.match(rest)
+    full = _FULL.fullmatch(rest)
     if full:
         version = full["version"] or "latest"
         return SecretRef(
             "secretmanager",
             f"projects/{full['project']}/secrets/{full['secret']}/versions/{version}",
         )
-    short = _SHORT.match(rest)
+    short = _SHORT.fullmatch(rest)
     if not short:
         raise ConfigError(
             f"bad secret reference secretmanager://{rest}",
