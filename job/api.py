@@ -82,8 +82,16 @@ async def database_status_async(url: str, service_dir: str | Path) -> DatabaseSt
     from job.services import Service
 
     service = Service(Path(service_dir).name, Path(service_dir))
-    entry = DatabaseEntry(service=service.name, database=make_url(url).database or "", url=url)
-    target = db.Target(entry, db.url_from_secret(SecretStr(url), entry))
+    parsed = make_url(url)
+    entry = DatabaseEntry(service=service.name, database=parsed.database or "", url=url)
+    # The application's own URL, read with the application's own TLS behaviour: libpq's and
+    # asyncpg's default (prefer) when it says none. The job's manifest entries never fall back.
+    mode = str(parsed.query.get("sslmode", "prefer"))
+    lenient = mode in ("allow", "prefer")
+    if lenient:
+        url = parsed.difference_update_query(["sslmode"]).render_as_string(hide_password=False)
+    checked = db.url_from_secret(SecretStr(url), entry)
+    target = db.Target(entry, checked.update_query_dict({"ssl": mode}) if lenient else checked)
     _, connection = await db.connect(target, timeout_s=30, application_name="migrate-job:check")
     try:
         execution = await execute(connection, Execution(service, target, quiet=True))

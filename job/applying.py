@@ -66,6 +66,8 @@ async def _apply_once(run: Run, result: DatabaseResult, expected: Execution, app
     try:
         await db.watch_client(connection)
         await lock.acquire(run.settings.lock_wait_s)
+        if expected.recorder is not None:
+            expected.recorder.guard = lock.guard_sql(await db.backend_pid(connection))
         execution = await apply_with_retries(engine, connection, expected, applied)
     except (SQLAlchemyError, OSError) as exc:
         # Taking or polling the lock failed below the migration: the connection broke.

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import SecretStr
 
-from job import iam, logs
+from job import iam, logs, tls
 from job.errors import ConfigError, ConnectError, MigrateJobError, SecretError
 
 if TYPE_CHECKING:
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from job.secrets import SecretResolver
 
 DRIVER = "postgresql+asyncpg"
+# The schema of every session's search_path, and of the job's tables when env.py names none.
+DEFAULT_SCHEMA = "public"
 SOCKET_FILE = ".s.PGSQL.5432"
 # SQLSTATEs that will not change by trying again: wrong password, no such role or database.
 FATAL_SQLSTATES = {
@@ -39,6 +41,7 @@ class Target:
 
     entry: DatabaseEntry
     url: URL
+    ssl_root: str | None = None  # the CA certificate (PEM, public) the entry's sslrootcert names
 
     @property
     def service(self) -> str:
@@ -77,10 +80,11 @@ def resolve_target(
             user = resolver.resolve(manifest.reference(entry.user), secret=False).get_secret_value()
             password = resolver.resolve(manifest.reference(entry.password))
             url = build_url(entry, user, password, socket_root)
+        root = entry.sslrootcert and resolver.resolve(manifest.reference(entry.sslrootcert), secret=False)
     except SecretError as exc:
         exc.service, exc.database = entry.service, entry.database
         raise
-    return Target(entry, url)
+    return Target(entry, url, root.get_secret_value() if root else None)
 
 
 def build_url(entry: DatabaseEntry, user: str, password: SecretStr | None, socket_root: Path) -> URL:
@@ -109,7 +113,7 @@ def build_url(entry: DatabaseEntry, user: str, password: SecretStr | None, socke
 
 # The kernel's limit for a unix socket path (sun_path), including the final NUL.
 MAX_SOCKET_PATH = 107
-SSL_MODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+SSL_MODES = set(tls.MODES)  # not allow or prefer: they fall back to plain text
 
 
 def check_socket_path(entry: DatabaseEntry, path: Path) -> None:
@@ -174,6 +178,8 @@ def server_settings(target: Target, application_name: str | None = None) -> dict
     settings = {
         "lock_timeout": str(int(target.entry.lock_timeout_s * 1000)),
         "statement_timeout": str(int(target.entry.statement_timeout_s * 1000)),
+        # Not the default "$user", public: a schema named after the login cannot shadow anything.
+        "search_path": quote_ident(DEFAULT_SCHEMA),
     }
     if application_name:
         settings["application_name"] = application_name
@@ -190,6 +196,7 @@ async def connect(
 
     settings = server_settings(target, application_name)
     login = {"timeout": min(10.0, timeout_s), "server_settings": settings, **iam.login_args(target.entry)}
+    login.update(tls.connect_args(target))
     engine = engines.engine_for(target.url, login)
     engines.connecting_to(target.database)
     return engine, await with_retries(target, timeout_s, engine.connect)
@@ -210,9 +217,8 @@ async def connect_raw(target: Target, *, timeout_s: float, application_name: str
         "timeout": min(10.0, timeout_s),
         "server_settings": server_settings(target, application_name),
         **iam.login_args(target.entry),
+        **tls.connect_args(target),
     }
-    if "ssl" in query:
-        kwargs["ssl"] = query["ssl"]
     return await with_retries(target, timeout_s, lambda: asyncpg.connect(**kwargs))
 
 
@@ -264,7 +270,7 @@ async def read_version(
     """
     import asyncpg
 
-    where = f"{quote_ident(schema)}.{quote_ident(table)}" if schema else quote_ident(table)
+    where = f"{quote_ident(schema or DEFAULT_SCHEMA)}.{quote_ident(table)}"
     try:
         sql = f"SELECT version_num, to_regclass($1) IS NOT NULL FROM {where}"
         rows = await connection.fetch(sql, history)
@@ -291,7 +297,8 @@ async def watch_client(connection: AsyncConnection) -> None:
     """
     raw = await driver(connection)
     if raw.get_server_version() >= (14,):
-        await raw.execute("SET client_connection_check_interval = '2s'")
+        # Nor may the server end the lock's session while env.py migrates on its own connection.
+        await raw.execute("SET client_connection_check_interval = '2s'; SET idle_session_timeout = 0")
 
 
 async def backend_pid(connection: AsyncConnection) -> int:
@@ -333,7 +340,7 @@ def sqlstate(exc: BaseException | None) -> str | None:
 
 def is_transient(exc: BaseException) -> bool:
     """Return True for failures that another connection attempt may cure."""
-    if isinstance(exc, MigrateJobError):
+    if isinstance(exc, MigrateJobError) or tls.refused(exc, _causes(exc)):
         return False
     state = sqlstate(exc)
     if state is not None:
@@ -420,6 +427,8 @@ def connect_error(target: Target, exc: BaseException, elapsed_s: float) -> Conne
         hint = f"create database {entry.database} on {entry.location} or fix the manifest"
     elif state == "28000":
         hint = f"check that role {target.url.username} exists and may log in"
+    elif tls.refused(exc, _causes(exc)):
+        hint = tls.hint(target)
     elif entry.instance:
         socket = Path(target.url.query["host"]) / SOCKET_FILE  # type: ignore[arg-type]
         hint = (

@@ -17,7 +17,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from job import db, iam, logs
+from job import db, iam, logs, tls
 from job.errors import ConfigError, MigrateJobError, MigrationFailed
 from job.plan import DONE, Direction, Plan, Step, compute_plan
 from job.report import elapsed_ms
@@ -267,6 +267,7 @@ class _EnvConnections:
             )
         if dialect.driver == "asyncpg":
             cparams.update(iam.login_args(entry))
+            cparams.setdefault("ssl", tls.connect_args(target)["ssl"])
             cparams["server_settings"] = {**db.server_settings(target), **cparams.get("server_settings", {})}
         elif entry.auth == "iam" or entry.owner:
             raise MigrationFailed(

@@ -30,13 +30,20 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND l.classid = CAST(:classid AS oid) AND l.objid = CAST(:objid AS oid)
 """
+# The error a revision's transaction raises when its lock's session is gone (guard_sql).
+LOST = "migrate-job lost the migration lock before the commit"
 # How often a waiter says again who it is waiting for.
 REPORT_EVERY_S = 30.0
 
 
 def lock_key(service: str, version_table: str, schema: str | None) -> int:
-    """Return the signed 64-bit advisory lock key for a service's history."""
-    name = f"migrate-job:{service}:{schema or ''}.{version_table}".encode()
+    """Return the signed 64-bit advisory lock key for a service's history.
+
+    The schema is the resolved one: none and "public" are the same table (every session's
+    search_path is public), so they give the same key, spelled as older images spelled none.
+    """
+    resolved = "" if schema in (None, "public") else schema
+    name = f"migrate-job:{service}:{resolved}.{version_table}".encode()
     return int.from_bytes(hashlib.sha256(name).digest()[:8], "big", signed=True)
 
 
@@ -138,6 +145,24 @@ class MigrationLock:
         since = row.query_start or row.backend_start
         return Holder(
             row.pid, row.application_name or "", since.isoformat() if since else "", row.state or ""
+        )
+
+    def guard_sql(self, holder_pid: int) -> str:
+        """Return a statement that fails unless session holder_pid still holds this lock.
+
+        Run in each revision's transaction just before its commit (job.recorder): env.py shapes
+        that open their own engine migrate on another connection than the lock's, and if that
+        connection ended (idle_session_timeout, a proxy), the revision rolls back instead of
+        committing without the lock.
+        """
+        unsigned = self.key & 0xFFFFFFFFFFFFFFFF
+        return (
+            "DO $migrate_job$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
+            f"AND granted AND objsubid = 1 AND pid = {int(holder_pid)} "
+            f"AND classid = CAST({unsigned >> 32} AS oid) AND objid = CAST({unsigned & 0xFFFFFFFF} AS oid) "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) THEN "
+            f"RAISE EXCEPTION '{LOST}' USING ERRCODE = 'lock_not_available', HINT = 'the revision rolled "
+            "back; run the job again: it re-reads the revision under the lock'; END IF; END $migrate_job$"
         )
 
     async def release(self) -> None:

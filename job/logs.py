@@ -11,6 +11,7 @@ import contextvars
 import functools
 import json
 import logging
+import re
 import sys
 import time
 import traceback
@@ -46,12 +47,33 @@ def redact(value: str) -> None:
 
 
 def scrub(text: str) -> str:
-    """Return text with every registered secret (raw, JSON-escaped or URL-quoted) masked."""
+    """Return text with every registered secret masked, and passwords written in SQL or URLs too.
+
+    Registered secrets go in every spelling (raw, JSON-escaped, URL-quoted). A revision's own
+    secrets are not registered: a failing ``CREATE ROLE ... PASSWORD '...'`` puts its SQL into
+    the error line, so password clauses and connection strings are masked by their shape.
+    """
     for secret in sorted(_secrets, key=len, reverse=True):
         for form in _forms(secret):
             if form in text:
                 text = text.replace(form, MASK)
+    if _MAYBE_SECRET.search(text):
+        for pattern, replacement in _SECRET_SHAPES:
+            text = pattern.sub(replacement, text)
     return text
+
+
+# Cheap test first: most lines hold none of these words, and scrub() runs for every line.
+_MAYBE_SECRET = re.compile(r"password|://|secret", re.IGNORECASE)
+_SECRET_SHAPES = (
+    # PASSWORD 'x' (also ENCRYPTED, E'x', doubled quotes), and PASSWORD $tag$x$tag$.
+    (re.compile(r"(PASSWORD\s+E?)'(?:[^'\\]|''|\\.)*'", re.IGNORECASE), rf"\1'{MASK}'"),
+    (re.compile(r"(PASSWORD\s+)(\$[A-Za-z_0-9]*\$).*?\2", re.IGNORECASE | re.DOTALL), rf"\1'{MASK}'"),
+    # scheme://user:password@host
+    (re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*):([^\s@'\"]+)@"), rf"\1:{MASK}@"),
+    # password=x in a libpq connection string or a URL query
+    (re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&'\",;]+)", re.IGNORECASE), rf"\1{MASK}"),
+)
 
 
 @functools.cache  # scrub() runs for every log line: each secret's spellings are worked out once

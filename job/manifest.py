@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -9,11 +10,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from job import tls
 from job.errors import ConfigError
-from job.secrets import SecretRef, parse_reference
+from job.secrets import SecretRef, literal_password, parse_reference
 
 INSTANCE_PATTERN = r"^(?:[a-z0-9.-]+:)?[a-z][a-z0-9-]*:[a-z0-9-]+:[a-z0-9][a-z0-9-]*$"
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_$-]{0,62}$"
+# The environment where literal passwords are allowed (MIGRATE_ENV's default).
+LOCAL_ENV = "local"
+# Databases of every PostgreSQL (templates, postgres) and of Cloud SQL (cloudsqladmin).
+SYSTEM_DATABASES = frozenset({"template0", "template1", "postgres", "cloudsqladmin"})
 
 
 class DatabaseEntry(BaseModel):
@@ -27,6 +33,8 @@ class DatabaseEntry(BaseModel):
     database: str | None = Field(default=None, pattern=NAME_PATTERN)
     discover: str | None = Field(default=None, min_length=1)
     discover_database: str = Field(default="postgres", pattern=NAME_PATTERN)
+    # Where the tasks of one execution coordinate (default: the discover_database); never migrated.
+    coordination_database: str | None = Field(default=None, pattern=NAME_PATTERN)
     instance: str | None = Field(default=None, pattern=INSTANCE_PATTERN)
     host: str | None = None
     port: int = Field(default=5432, ge=1, le=65535)
@@ -36,6 +44,10 @@ class DatabaseEntry(BaseModel):
     # "iam": Cloud SQL IAM database login, the job's service account as user and a fresh OAuth2
     # token as password (job/iam.py); no password to store or rotate.
     auth: Literal["password", "iam"] = "password"
+    # TLS over TCP (job/tls.py): host entries default to "require"; sockets need none.
+    sslmode: Literal["disable", "require", "verify-ca", "verify-full"] | None = None
+    # A secret reference to the CA certificate (PEM) that verify-ca and verify-full trust.
+    sslrootcert: str | None = None
     # A role every connection of the entry switches to (SET ROLE at login), so the objects
     # migrations create belong to it, whoever logs in.
     owner: str | None = Field(default=None, pattern=NAME_PATTERN)
@@ -56,6 +68,8 @@ class DatabaseEntry(BaseModel):
     max_failures: int | None = Field(default=None, ge=1)
     # Downgrades and reset of this entry's databases; None follows the manifest's top-level key.
     allow_downgrade: bool | None = None
+    # reset (drop and recreate) of this entry's databases; None follows the manifest's top-level key.
+    allow_reset: bool | None = None
     # Which [[databases]] block of the file the entry came from: a ``databases = [...]`` list
     # expands to several entries that share their canary and max_failures.
     _block: int | None = PrivateAttr(default=None)
@@ -73,6 +87,7 @@ class DatabaseEntry(BaseModel):
             raise ValueError(
                 'discover needs instance or host and a login (user and password, or auth = "iam"), not url'
             )
+        tls.check_entry(self)
         if self.auth == "iam":
             self._check_iam_login()
         elif self.url is not None:
@@ -103,6 +118,18 @@ class DatabaseEntry(BaseModel):
             )
 
     @property
+    def never_discovered(self) -> frozenset[str]:
+        """Return the databases a discover query of this entry may list but the job never migrates.
+
+        The templates (a table in template1 appears in every database created after), the
+        server's maintenance databases, and the databases the job itself works in.
+        """
+        return SYSTEM_DATABASES | {
+            self.discover_database,
+            self.coordination_database or self.discover_database,
+        }
+
+    @property
     def block(self) -> int | None:
         """Return the index of the manifest block the entry came from (None: built in code)."""
         return self._block
@@ -118,6 +145,11 @@ class DatabaseEntry(BaseModel):
         if self.database is None:
             raise ValueError(f"entry for {self.service} has not been discovered yet")
         return self.database
+
+    @property
+    def server_database(self) -> tuple[str, str | None]:
+        """Return what identifies the database across entries: its server (or URL reference) and name."""
+        return (self.url or self.location, self.database)
 
     @property
     def location(self) -> str:
@@ -137,6 +169,10 @@ class Manifest(BaseModel):
     project: str | None = None
     socket_dir: Path = Path("/cloudsql")
     allow_downgrade: bool = True
+    # reset drops databases: only a manifest (or entry) that says so allows it, never by default.
+    allow_reset: bool = False
+    # The one server a --scratch reference may share with the manifest's databases (a reference).
+    scratch_server: str | None = None
     databases: tuple[DatabaseEntry, ...] = Field(min_length=1)
     path: Path = Path("<memory>")
 
@@ -147,6 +183,24 @@ class Manifest(BaseModel):
             for e in entries
             if not (self.allow_downgrade if e.allow_downgrade is None else e.allow_downgrade)
         ]
+
+    def protected(self, entries: Sequence[DatabaseEntry]) -> list[DatabaseEntry]:
+        """Return the entries whose database is protected: any entry naming it refuses downgrades."""
+        shielded = {e.server_database for e in self.downgrades_refused(self.databases)}
+        return [e for e in entries if e.server_database in shielded or e in self.downgrades_refused([e])]
+
+    def resets_refused(self, entries: Sequence[DatabaseEntry]) -> list[DatabaseEntry]:
+        """Return the entries whose databases may not be reset (allow_reset not true for them)."""
+        return [e for e in entries if not (self.allow_reset if e.allow_reset is None else e.allow_reset)]
+
+    def protected_sharing(self, entries: Sequence[DatabaseEntry]) -> list[DatabaseEntry]:
+        """Return the manifest's protected entries (downgrades refused) on a database of entries.
+
+        Two services may share a database: dropping it for one drops the other's tables too, so
+        one protected entry anywhere in the manifest protects the whole database.
+        """
+        wanted = {e.server_database for e in entries}
+        return [e for e in self.downgrades_refused(self.databases) if e.server_database in wanted]
 
     def reference(self, text: str) -> SecretRef:
         """Return the secret reference text names, resolved against the manifest's project."""
@@ -219,17 +273,28 @@ def with_entries(manifest: Manifest, entries: list[DatabaseEntry]) -> Manifest:
 
 
 def shard(entries: list[DatabaseEntry], index: int, count: int) -> list[DatabaseEntry]:
-    """Return task ``index``'s share of ``count``: every entry whose position modulo count is index.
+    """Return task ``index``'s share of ``count``: the entries whose database hashes to it, in order.
 
-    Shares are disjoint and together complete, and an entry's task depends only on its position,
-    so every task of a Cloud Run execution computes the same split without talking to the others.
+    A database's task depends only on its own identity (server and name), never on its position:
+    when a database is created or dropped between two tasks' discover queries, no other database
+    changes task, so none is skipped by every task (or taken by two). Every entry of one database
+    (several services may share it) goes to the same task.
     """
     if count < 1 or not 0 <= index < count:
         raise ConfigError(
             f"task index {index} is not within a task count of {count}",
             hint="CLOUD_RUN_TASK_INDEX must be at least 0 and below CLOUD_RUN_TASK_COUNT",
         )
-    return entries[index::count]
+    if count == 1:
+        return list(entries)
+    return [e for e in entries if task_of(e, count) == index]
+
+
+def task_of(entry: DatabaseEntry, count: int) -> int:
+    """Return the task (of count) that migrates an entry's database: a stable hash of its identity."""
+    where, database = entry.server_database
+    digest = hashlib.sha256(f"{where}\0{database}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % count
 
 
 def _describe(exc: ValidationError) -> str:
@@ -264,7 +329,7 @@ def _check_unique(manifest: Manifest) -> None:
     for i, entry in enumerate(manifest.databases):
         # Several services may share a database (each with its own version table); one service
         # may not list the same database twice.
-        key = (entry.url or entry.location, entry.database, entry.service)
+        key = (*entry.server_database, entry.service)
         if key in seen:
             raise ConfigError(
                 f"manifest {manifest.path}: databases[{i}] repeats database {entry.database!r} "
@@ -275,10 +340,39 @@ def _check_unique(manifest: Manifest) -> None:
         seen[key] = i
 
 
+def refuse_literal_passwords(manifest: Manifest, env: str) -> None:
+    """Raise ConfigError for a literal password (or URL with one) outside the local environment.
+
+    Local means MIGRATE_ENV=local (the default, a workstation or a test); the deploy job
+    definitions set MIGRATE_ENV to their environment, so Cloud Run executions never accept one.
+    """
+    if env == LOCAL_ENV:
+        return
+    if manifest.scratch_server is not None and literal_password(manifest.scratch_server):
+        raise ConfigError(
+            f"manifest {manifest.path}: scratch_server is a literal URL with a password, refused for "
+            f"environment {env!r} (MIGRATE_ENV); the value is not shown",
+            hint="name the scratch server by the same secret reference that --scratch is given",
+        )
+    for i, entry in enumerate(manifest.databases):
+        for key in ("password", "url"):
+            text = getattr(entry, key)
+            literal = text is not None and manifest.reference(text).scheme == "literal"
+            if literal and (key == "password" or literal_password(text)):
+                raise ConfigError(
+                    f"manifest {manifest.path}: databases[{i}].{key} is a literal password, refused "
+                    f"for environment {env!r} (MIGRATE_ENV); the value is not shown",
+                    hint=f"use a secret reference (secretmanager://NAME, env://VAR, file:///path) for "
+                    f"{key}; literals are for MIGRATE_ENV={LOCAL_ENV} only",
+                    service=entry.service,
+                    database=entry.database,
+                )
+
+
 def _check_references(manifest: Manifest) -> None:
     """Raise ConfigError for a malformed secret reference, naming the entry."""
     for i, entry in enumerate(manifest.databases):
-        for key in ("user", "password", "url"):
+        for key in ("user", "password", "url", "sslrootcert"):
             text = getattr(entry, key)
             if text is None:
                 continue

@@ -118,6 +118,29 @@ def _plan(
 DONE: dict[Direction, str] = {"up": "applied", "down": "reverted", "revert": "reverted", "stamp": "stamped"}
 
 
+def stamps_forward(service: Service, plan: Plan) -> bool:
+    """Return whether a stamp plan only moves forward, onto descendants of the current revisions.
+
+    Backwards (towards base) drops a current revision from the new revisions' ancestry; sideways
+    (onto another branch) adds a revision that descends from none of them. From base, any stamp
+    is forward.
+    """
+    current = set(plan.current)
+    final = set(current)
+    for step in plan.steps:
+        final -= set(step.down_revision)
+        final |= set(step.lands_at.split("+")) if step.lands_at else set()
+    ancestry = {head: _ancestry(service, head) for head in final}
+    kept = current <= set().union(*ancestry.values())
+    new_descend = all(not current or current & ancestry[head] for head in final - current)
+    return kept and new_descend
+
+
+def _ancestry(service: Service, revision: str) -> set[str]:
+    """Return a revision and all its ancestors."""
+    return {r.revision for r in service.script.iterate_revisions(revision, "base")}
+
+
 def as_tuple(value: str | Sequence[str] | None) -> tuple[str, ...]:
     """Return a down_revision (None, one id or several) as a tuple."""
     if value is None:

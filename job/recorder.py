@@ -42,10 +42,10 @@ Fetch = Callable[..., Awaitable[Sequence[Any]]]
 
 
 def table_name(schema: str | None) -> str:
-    """Return the history table's quoted name, in the version table's schema."""
-    from job.db import quote_ident
+    """Return the history table's qualified name, in the version table's schema (default: public)."""
+    from job.db import DEFAULT_SCHEMA, quote_ident
 
-    return f"{quote_ident(schema)}.{quote_ident(TABLE)}" if schema else quote_ident(TABLE)
+    return f"{quote_ident(schema or DEFAULT_SCHEMA)}.{quote_ident(TABLE)}"
 
 
 def create_sql(schema: str | None) -> str:
@@ -137,6 +137,8 @@ class Recorder:
         self.service = service
         self.identity = identity
         self.direction = direction
+        # A statement that fails unless the migration lock is still held (job.lock.guard_sql).
+        self.guard: str | None = None
 
     def attach(self, context: MigrationContext, *, create_table: bool = False) -> None:
         """Register with the migration context (its on_version_apply hook).
@@ -172,6 +174,7 @@ class Recorder:
 
         values = row(self.service.name, revision, direction, digest, self.identity)
         create = [create_sql(schema)] if create_table else []
+        create += [self.guard] if self.guard else []
         batch = batching.batch_of(connection)
         if batch is not None and batch.open:
             # Sent with the revision's statements and its version move: one round trip in all.

@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 from job import db, logs, recorder, version
 from job.errors import ConfigError
-from job.manifest import NAME_PATTERN, DatabaseEntry, Manifest, load_manifest, shard, with_entries
+from job.manifest import (
+    NAME_PATTERN,
+    DatabaseEntry,
+    Manifest,
+    load_manifest,
+    refuse_literal_passwords,
+    shard,
+    with_entries,
+)
 from job.plan import RELATIVE, resolve_revision
 from job.report import RunReport
 from job.secrets import SecretResolver
@@ -110,6 +118,7 @@ def prepare(
     """Return the run for the selected databases; raise ConfigError for anything invalid."""
     shipped = discover(settings.services_dir)
     manifest = load_manifest(settings.manifest_path(), shipped)
+    refuse_literal_passwords(manifest, settings.env)
     run = Run(settings, cloud_run, manifest, shipped, [], report, (services, databases), jobs)
     if not run.undiscovered:
         _select_share(run)
@@ -196,14 +205,34 @@ async def _discovered_names(run: Run, entry: DatabaseEntry) -> list[str]:
         ) from None
     finally:
         await close_raw(connection)
-    names = sorted({str(r[0]) for r in rows if r[0] is not None})
-    bad = [n for n in names if not re.match(NAME_PATTERN, n)]
+    return kept_names(entry, [r[0] for r in rows])
+
+
+def kept_names(entry: DatabaseEntry, found: Sequence[Any]) -> list[str]:
+    """Return a discover query's names, sorted, less the databases never migrated (each logged once).
+
+    A name must match NAME_PATTERN in full: a trailing newline is as invalid as any other character.
+    """
+    names = sorted({str(n) for n in found if n is not None})
+    bad = [n for n in names if not re.fullmatch(NAME_PATTERN.strip("^$"), n)]
     if bad:
         raise ConfigError(
             f"the discover query of service {entry.service} returned invalid names: {bad[:5]}",
+            hint="make the query return only database names (letters, digits, _ $ -; at most 63)",
             service=entry.service,
         )
-    return names
+    excluded = entry.never_discovered
+    for name in (n for n in names if n in excluded):
+        logs.event(
+            "manifest.excluded",
+            f"{entry.service}: the discover query returned {name}, which is never migrated "
+            "(a template, a maintenance database, or the discover or coordination database)",
+            level=logging.WARNING,
+            service=entry.service,
+            instance=entry.location,
+            excluded=name,
+        )
+    return [n for n in names if n not in excluded]
 
 
 async def close_raw(connection: Any) -> None:

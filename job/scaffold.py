@@ -25,7 +25,7 @@ def template_root() -> Traversable:
 
 def check_name(name: str) -> None:
     """Raise ConfigError unless name can be a service folder (and a database name derived from it)."""
-    if len(name) > MAX_NAME or not NAME.match(name):
+    if len(name) > MAX_NAME or not NAME.fullmatch(name):
         raise ConfigError(
             f"{name!r} is not a valid service name",
             hint=f"use lower-case letters, digits and inner hyphens, at most {MAX_NAME} characters "

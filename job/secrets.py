@@ -53,7 +53,7 @@ def parse_reference(text: str, *, project: str | None) -> SecretRef:
         return _parse_secretmanager(text.removeprefix("secretmanager://"), project)
     if text.startswith("env://"):
         name = text.removeprefix("env://")
-        if not _ENV_VAR.match(name):
+        if not _ENV_VAR.fullmatch(name):
             raise ConfigError(f"bad secret reference env://{name}: not an environment variable name")
         return SecretRef("env", name)
     if text.startswith("file://"):
@@ -72,16 +72,42 @@ def parse_reference(text: str, *, project: str | None) -> SecretRef:
     return SecretRef("literal", text)
 
 
+def literal_password(text: str) -> bool:
+    """Return whether a manifest value or flag is a literal that holds a password.
+
+    A literal URL with a password counts (``postgresql://u:p@h/db``), as does any literal given
+    for a ``password`` key (the caller knows which key it is).
+    """
+    import urllib.parse
+
+    if text.startswith(("secretmanager://", "env://", "file://")):
+        return False
+    try:
+        return bool(urllib.parse.urlsplit(text).password)
+    except ValueError:
+        return "@" in text  # unparsable, but it may still hold user:password@
+
+
+def refuse_literal_url(text: str, flag: str) -> None:
+    """Raise ConfigError for a flag given a literal URL with a password (ps and shell history show it)."""
+    if literal_password(text):
+        raise ConfigError(
+            f"{flag} was given a literal URL with a password; it is not used (the value is not shown)",
+            hint=f"store the URL in a secret and pass its reference: {flag} env://VAR, file:///path "
+            "or secretmanager://NAME; a URL without a password (trust or peer login) may stay literal",
+        )
+
+
 def _parse_secretmanager(rest: str, project: str | None) -> SecretRef:
     """Return a Secret Manager reference as a full version resource name."""
-    full = _FULL.match(rest)
+    full = _FULL.fullmatch(rest)
     if full:
         version = full["version"] or "latest"
         return SecretRef(
             "secretmanager",
             f"projects/{full['project']}/secrets/{full['secret']}/versions/{version}",
         )
-    short = _SHORT.match(rest)
+    short = _SHORT.fullmatch(rest)
     if not short:
         raise ConfigError(
             f"bad secret reference secretmanager://{rest}",

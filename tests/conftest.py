@@ -65,7 +65,10 @@ class Database:
     def entry(self, password_ref: str | None = None) -> dict[str, Any]:
         """Return the manifest entry: over the Cloud SQL socket when there is one, else TCP."""
         where: dict[str, Any] = (
-            {"instance": INSTANCE} if self.socket_root else {"host": self.pg.host, "port": self.pg.port}
+            {"instance": INSTANCE}
+            if self.socket_root
+            # The test servers have no TLS: say so, as a manifest for a server on this machine would.
+            else {"host": self.pg.host, "port": self.pg.port, "sslmode": "disable"}
         )
         return {
             "service": self.service,

@@ -55,6 +55,16 @@ def spellings(secret: str) -> set[str]:
     return {secret, *quoted, *(q.replace("%", "%%") for q in quoted)}
 
 
+def scratch_url(pg: Any, database: str = "postgres") -> str:
+    """Return a scratch URL for the test server: its admin URL, saying that it has no TLS.
+
+    A URL to a TCP host requires TLS unless it says sslmode=disable (docs/guards.md); the test
+    servers run without TLS on this machine.
+    """
+    dsn = str(pg.admin_dsn(database))
+    return dsn + ("&" if "?" in dsn else "?") + "sslmode=disable"
+
+
 def toml_value(value: Any) -> str:
     """Return value as TOML (JSON string escapes are valid TOML basic-string escapes)."""
     if isinstance(value, bool):

@@ -79,7 +79,7 @@ def test_reset_drops_recreates_and_upgrades_a_development_database(
     not allowed it is refused before anything is touched."""
     database = make_database("risk-engine")
     database.pg.execute(f'ALTER ROLE "{database.role}" CREATEDB')
-    manifest = write_manifest(tmp_path / "dev.toml", [database.entry()])
+    manifest = write_manifest(tmp_path / "dev.toml", [database.entry()], allow_reset=True)
     local = {k: v for k, v in job_env.items() if not k.startswith("CLOUD_RUN_")}
     env = {**local, "MIGRATE_MANIFEST": str(manifest)}
     assert run_job(env=env).code == 0
@@ -94,7 +94,9 @@ def test_reset_drops_recreates_and_upgrades_a_development_database(
             env={
                 **env,
                 "MIGRATE_MANIFEST": str(
-                    write_manifest(tmp_path / "prod.toml", [database.entry()], allow_downgrade=False)
+                    write_manifest(
+                        tmp_path / "prod.toml", [database.entry()], allow_downgrade=False, allow_reset=True
+                    )
                 ),
             },
         ),

@@ -100,7 +100,12 @@ class World:
 
     def tcp(self, **changes: Any) -> dict[str, Any]:
         """Return a working entry over TCP instead of the Cloud SQL socket."""
-        base = {"instance": DROP, "host": self.pg.host or "127.0.0.1", "port": self.pg.port}
+        base = {
+            "instance": DROP,
+            "host": self.pg.host or "127.0.0.1",
+            "port": self.pg.port,
+            "sslmode": "disable",
+        }
         return self.entry(**{**base, **changes})
 
     def manifest(self, name: str, entries: list[dict[str, Any]], **top: Any) -> dict[str, str]:

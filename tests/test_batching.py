@@ -121,7 +121,8 @@ def test_a_revision_its_history_row_and_its_version_move_are_one_query(
     for part in ("CREATE INDEX ix_items_name", "INSERT INTO items", "migrate_job_history"):
         assert part in batch, part
     # The history table comes with the first revision, and the version move is last (its count is checked).
-    assert batch.index("CREATE TABLE IF NOT EXISTS") < batch.index('INSERT INTO "migrate_job_history"')
+    history = 'INSERT INTO "public"."migrate_job_history"'
+    assert batch.index("CREATE TABLE IF NOT EXISTS") < batch.index(history)
     assert batch.rstrip().splitlines()[-1].startswith("INSERT INTO alembic_version")
     rows = database.pg.fetch("SELECT name FROM items ORDER BY id", database=database.name)
     assert [r["name"] for r in rows] == ["a", "100% sure: yes"]

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import Database
-from tests.support import FIXTURES, run_job, write_manifest
+from tests.support import FIXTURES, run_job, scratch_url, write_manifest
 
 COMPAT = str(FIXTURES / "compat")
 
@@ -86,7 +86,7 @@ def test_verify_passes_the_shipped_services_and_names_a_leaky_downgrade(
             **job_env,
             "MIGRATE_MANIFEST": str(manifest),
             "MIGRATE_SERVICES_DIR": services_dir,
-            "VERIFY_URL": pg.admin_dsn("postgres"),
+            "VERIFY_URL": scratch_url(pg),
         }
 
     shipped = run_job("verify", "--scratch", "env://VERIFY_URL", env=env_with(list(HEADS), str(SERVICES_DIR)))
@@ -127,7 +127,7 @@ def test_revision_writes_timestamped_files_and_autogenerates_against_a_scratch_d
         **{k: v for k, v in job_env.items() if not k.startswith("CLOUD_RUN_")},
         "MIGRATE_MANIFEST": str(manifest),
         "MIGRATE_SERVICES_DIR": str(services),
-        "VERIFY_URL": pg.admin_dsn("postgres"),
+        "VERIFY_URL": scratch_url(pg),
     }
     on_cloud_run = run_job(
         "revision", "-m", "nope", "--service", "risk-engine", env={**env, "CLOUD_RUN_JOB": "j"}

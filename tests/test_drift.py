@@ -9,7 +9,7 @@ from pathlib import Path
 from devtools.pgserver import PgServer
 from job.drift import Difference, describe
 from tests.conftest import Database
-from tests.support import HEADS, SERVICES_DIR, run_job, write_manifest
+from tests.support import HEADS, SERVICES_DIR, run_job, scratch_url, write_manifest
 
 
 def test_a_model_column_without_a_migration_is_drift_naming_the_column(
@@ -42,7 +42,7 @@ def test_a_model_column_without_a_migration_is_drift_naming_the_column(
         **job_env,
         "MIGRATE_MANIFEST": str(manifest),
         "MIGRATE_SERVICES_DIR": str(services),
-        "SCRATCH_URL": pg.admin_dsn("postgres"),
+        "SCRATCH_URL": scratch_url(pg),
     }
     run = run_job("check", "--scratch", "env://SCRATCH_URL", env=env)
     assert run.code == 8, run.stdout

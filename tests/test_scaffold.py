@@ -12,7 +12,7 @@ from devtools.pgserver import PgServer
 from job import commands
 from job.scaffold import create_service, template_root
 from job.services import discover
-from tests.support import SERVICES_DIR, run_job, write_manifest
+from tests.support import SERVICES_DIR, run_job, scratch_url, write_manifest
 from tests.test_service_contract import make_run
 
 
@@ -79,7 +79,7 @@ def test_a_new_service_passes_the_built_in_tests(
     run = make_run("revision", service, tmp_path, services)
     asyncio.run(commands.revision(run, "create ledger"))
     service = discover(services)["ledger"]  # a fresh load sees the new revision
-    monkeypatch.setenv("MIGRATE_TEST_SCRATCH_URL", pg.admin_dsn("postgres"))
+    monkeypatch.setenv("MIGRATE_TEST_SCRATCH_URL", scratch_url(pg))
     for command in ("check", "verify"):
         run = make_run(command, service, tmp_path, services)
         asyncio.run(getattr(commands, command)(run, "env://MIGRATE_TEST_SCRATCH_URL"))

@@ -19,7 +19,7 @@ from job.commands import Run
 from job.report import RunReport
 from job.services import Service, discover
 from job.settings import CloudRun, Settings
-from tests.support import SERVICES_DIR, write_manifest
+from tests.support import SERVICES_DIR, scratch_url, write_manifest
 
 SERVICES = sorted(discover(SERVICES_DIR))
 SCRATCH = "env://MIGRATE_TEST_SCRATCH_URL"
@@ -34,7 +34,7 @@ def service(request: pytest.FixtureRequest) -> Service:
 @pytest.fixture
 def scratch(pg: PgServer, monkeypatch: pytest.MonkeyPatch) -> str:
     """A secret reference to a URL whose role may create the job's scratch databases."""
-    monkeypatch.setenv("MIGRATE_TEST_SCRATCH_URL", pg.admin_dsn("postgres"))
+    monkeypatch.setenv("MIGRATE_TEST_SCRATCH_URL", scratch_url(pg))
     return SCRATCH
 
 

@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING
 from job import logs, progress, recorder
 from job.errors import ConfigError
 from job.failures import Failures
-from job.inspection import inspect_all, with_history
-from job.plan import Direction
+from job.inspection import Inspected, inspect_all, with_history
+from job.plan import Direction, stamps_forward
 from job.run import Run, confirm
 from job.waves import apply_waves
 
 if TYPE_CHECKING:
+    from job.manifest import DatabaseEntry
     from job.workers import Pool
 
 
@@ -39,25 +40,79 @@ async def downgrade(run: Run, to: str, *, yes: bool = False) -> None:
 
 
 def _refuse_where_not_allowed(run: Run, what: str, hint: str) -> None:
-    """Raise ConfigError if any selected database's entry (or the manifest) sets allow_downgrade = false."""
-    refused = run.manifest.downgrades_refused(run.entries)
+    """Raise ConfigError if a selected database is protected (allow_downgrade = false on any entry of it)."""
+    refused = run.manifest.protected(run.entries)
     if refused:
-        names = ", ".join(e.label for e in refused[:5]) + (" ..." if len(refused) > 5 else "")
         raise ConfigError(
-            f"manifest {run.manifest.path} sets allow_downgrade = false for {names}: {what} refused here",
+            f"manifest {run.manifest.path} sets allow_downgrade = false for {_names(refused)} (or for "
+            f"another service's entry on the same database): {what} refused here",
             hint=hint,
         )
 
 
+def _refuse_reset(run: Run) -> None:
+    """Raise ConfigError unless every selected database may be reset (allow_reset, nothing protected)."""
+    refused = run.manifest.resets_refused(run.entries)
+    if refused:
+        raise ConfigError(
+            f"manifest {run.manifest.path} does not set allow_reset = true for {_names(refused)}: "
+            "reset, which drops the databases, is refused",
+            hint="reset is for development databases: set allow_reset = true in a development "
+            "manifest (top level or on the entry); never in staging or production",
+            database=refused[0].database,
+        )
+    protected = run.manifest.protected_sharing(run.entries)
+    if protected:
+        raise ConfigError(
+            f"reset would drop database {protected[0].database}, which {_names(protected)} shares "
+            f"with allow_downgrade = false in manifest {run.manifest.path}: reset refused",
+            hint="a database with any protected entry is never dropped; to rebuild one service's "
+            "tables there, ship a revision that does it",
+            database=protected[0].database,
+        )
+
+
+def _names(entries: Sequence[DatabaseEntry]) -> str:
+    """Return the first entries' labels for a message."""
+    return ", ".join(e.label for e in entries[:5]) + (" ..." if len(entries) > 5 else "")
+
+
 async def stamp(run: Run, revision: str, *, yes: bool = False) -> None:
-    """Set the recorded revision without running migrations (after a manual fix or a restore)."""
+    """Set the recorded revision without running migrations (after a manual fix or a restore).
+
+    Where downgrades are refused, only forward stamps are allowed (see _refuse_backward_stamps).
+    """
     confirm(yes, f"stamp {revision} records a revision without running its migrations")
     await _change(run, revision, "stamp")
 
 
+def _refuse_backward_stamps(run: Run, inspected: Inspected) -> None:
+    """Raise ConfigError if a protected database would be stamped anywhere but forward.
+
+    Stamping backwards or sideways makes the next upgrade run revisions again on tables that
+    already have them; stamping forward only records what was applied by hand (or a restore).
+    """
+    protected = {id(e) for e in run.manifest.protected(run.entries)}
+    for result, execution in inspected:
+        plan = execution.plan
+        if id(execution.target.entry) not in protected or plan is None or not plan.pending:
+            continue
+        if not stamps_forward(execution.service, plan):
+            raise ConfigError(
+                f"stamp {execution.destination} would move {execution.target.entry.label} from "
+                f"{plan.from_revision or 'base'} to {plan.target or 'base'}, which is not ahead of it; "
+                f"manifest {run.manifest.path} sets allow_downgrade = false there: stamp refused",
+                hint="only stamping forward (to a descendant of the current revision) is allowed "
+                "where downgrades are refused; roll forward with a new revision instead",
+                service=execution.service.name,
+                database=result.database,
+                revision=plan.from_revision,
+            )
+
+
 async def reset(run: Run, *, yes: bool = False) -> None:
     """Drop and recreate each selected database, then upgrade it to head (development only)."""
-    from job import iam
+    from job import iam, tls
     from job.scratch import recreate
 
     if run.cloud_run.job:
@@ -65,11 +120,7 @@ async def reset(run: Run, *, yes: bool = False) -> None:
             "reset drops databases and is refused on Cloud Run",
             hint="reset is for a development database on a workstation; roll forward everywhere else",
         )
-    _refuse_where_not_allowed(
-        run,
-        "reset, which drops the databases, is",
-        "reset is for development environments, whose manifests allow downgrades",
-    )
+    _refuse_reset(run)
     confirm(yes, "reset drops and recreates every selected database: all their data is lost")
     done: set[tuple[str, str]] = set()
     for target in run.preflight():
@@ -82,7 +133,7 @@ async def reset(run: Run, *, yes: bool = False) -> None:
             target.database,
             create=True,
             what="the",
-            login=iam.login_args(target.entry),
+            login={**iam.login_args(target.entry), **tls.connect_args(target)},
             hint=f"reset connects to {target.entry.discover_database} on the same server as "
             f"{target.entry.user or 'the login'}, which must own the database and have CREATEDB",
         )
@@ -120,6 +171,13 @@ async def _change(
             started.close()
         raise
     pool = await starting if starting is not None else None
+    if direction == "stamp":
+        try:
+            _refuse_backward_stamps(run, inspected)
+        except BaseException:
+            if pool is not None:
+                pool.close()
+            raise
     work = [(r, e) for r, e in inspected if r.status != "ahead" and e.plan is not None and e.plan.pending]
     if pool is not None and len(work) < 2:
         pool.close()
