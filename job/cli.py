@@ -178,12 +178,7 @@ def _add_guardrails(sub: argparse._SubParsersAction[Any], selectors: argparse.Ar
         "--from", dest="start", default="base", metavar="REV", help="first revision's parent (default: base)"
     )
     lnt.add_argument("--to", default="head", metavar="REV", help="last revision (default: head)")
-    lnt.add_argument(
-        "--fail-on",
-        choices=("warning", "error"),
-        default="warning",
-        help="fail on findings at or above this level (default: warning, i.e. every finding)",
-    )
+    _add_fail_on(lnt)
     _add_trace(sub, selectors)
     show = sub.add_parser(
         "show", parents=[selectors], help="show one revision: parents, file, docstring, its SQL (no database)"
@@ -222,13 +217,15 @@ def _add_trace(sub: argparse._SubParsersAction[Any], selectors: argparse.Argumen
         help="trace the revisions after REV (default: base)",
     )
     trc.add_argument("--to", default="head", metavar="REV", help="last revision (default: head)")
-    trc.add_argument(
-        "--fail-on",
-        choices=("warning", "error"),
-        default="warning",
-        help="fail on findings at or above this level (default: warning, i.e. every finding)",
-    )
+    _add_fail_on(trc)
     trc.add_argument("--output", type=Path, metavar="DIR", help="write trace.json and trace.md here")
+
+
+def _add_fail_on(parser: argparse.ArgumentParser) -> None:
+    """Add --fail-on (lint, trace)."""
+    levels = ("warning", "error")
+    help_text = "fail on findings at or above this level (default: warning, i.e. every finding)"
+    parser.add_argument("--fail-on", choices=levels, default="warning", help=help_text)
 
 
 def _add_selectors(parser: argparse.ArgumentParser, default: object) -> None:

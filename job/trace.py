@@ -13,9 +13,8 @@ nothing), the relation locks the transaction holds (``pg_locks``) and the virtua
 * A statement sent on its own (``op.get_bind()``, parameters, the helpers, autocommit blocks) is
   read before and after, from SQLAlchemy's execute events.
 * Outside the transaction (autocommit) a statement's locks are gone by the next reading, so a
-  second connection samples ``pg_locks`` for the migrating backend while it runs (``Sampler``);
-  samples belong to a statement by their virtual transaction id. A lock held for less than one
-  sample (well under a millisecond on an empty table) can be missed there.
+  second connection watches ``pg_locks`` for the migrating backend while it runs
+  (job.lockwatch); what it sees belongs to a statement by its virtual transaction id.
 
 Between two readings lies one statement (or none); its scans count *under a lock* when the lock
 its transaction holds on the table at the end of it blocks writes: a scan by ``VALIDATE`` before
@@ -24,8 +23,6 @@ the same revision's ``SET NOT NULL`` does not count under that later ACCESS EXCL
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
 import weakref
@@ -37,15 +34,13 @@ if TYPE_CHECKING:
     from alembic.runtime.migration import MigrationContext, MigrationStep
     from sqlalchemy.engine import Connection
 
+    from job.lockwatch import Sampler
     from job.plan import Step
     from job.services import Service
 
 MARK = "migrate_job_trace"  # execution option of the tracer's own queries
 SETTING = "migrate_job_trace.r"  # session settings that hold the readings taken inside a batch
 JOB_TABLES = ("migrate_job_history", "migrate_job_executions")
-# Back to back for the first samples of a statement (most finish in a few milliseconds on an empty
-# table), then at growing intervals up to SAMPLE_MAX_S for one that runs long.
-SAMPLE_BURST, SAMPLE_MIN_S, SAMPLE_MAX_S = 25, 0.0005, 0.02
 # Statements that read, or set a session value: not read around (their scans count with the next).
 QUERY_WORDS = ("SELECT", "SHOW", "SET", "RESET", "VALUES")
 
@@ -54,11 +49,6 @@ SELECT c.oid::bigint, c.oid::regclass::text FROM pg_class c JOIN pg_namespace n 
 WHERE c.relkind IN ('r', 'p', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
   AND c.relpersistence <> 't' AND NOT (c.relname = ANY({skip}))
 ORDER BY 1
-"""
-SAMPLE_SQL = """
-SELECT virtualtransaction, relation::bigint, mode FROM pg_locks
-WHERE pid = $1 AND locktype = 'relation' AND granted AND database = (
-  SELECT oid FROM pg_database WHERE datname = current_database())
 """
 
 
@@ -254,6 +244,8 @@ class Tracer:
         self._read(connection, "before", None)
         self.pending = text
         if self.sampler is not None and _autocommit(connection):
+            assert self.current is not None
+            self.sampler.gate(list(self.current.tables))
             self.sampler.watch()
 
     def after(self, connection: Connection) -> None:
@@ -262,6 +254,7 @@ class Tracer:
             return
         if self.sampler is not None:
             self.sampler.unwatch()
+            self.sampler.ungate()
         text, self.pending = self.pending, None
         self._read(connection, "after", text)
 
@@ -291,60 +284,6 @@ class _Traced:
                 self._stop()
 
         return run
-
-
-class Sampler:
-    """A second connection that samples pg_locks for the migrating backend while a statement runs outside.
-
-    Bounded: it sleeps until a statement outside the transaction starts, then takes SAMPLE_BURST
-    samples back to back and goes on at growing intervals (0.5 ms up to 20 ms) until the statement
-    ends; it keeps each (transaction, table, mode) once.
-    """
-
-    def __init__(self, connection: Any) -> None:
-        self.connection = connection
-        self.pid: int | None = None
-        self.active = False
-        self.samples: set[tuple[int, int, str]] = set()
-        self.count = 0
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Sampler:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-    def watch(self) -> None:
-        """A statement outside the transaction starts (called from the migration's thread)."""
-        self.active = True
-        self._loop.call_soon_threadsafe(self._wake.set)
-
-    def unwatch(self) -> None:
-        """It ended."""
-        self.active = False
-
-    async def _run(self) -> None:
-        statement = await self.connection.prepare(SAMPLE_SQL)
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            taken, delay = 0, SAMPLE_MIN_S
-            while self.active and self.pid is not None:
-                for row in await statement.fetch(self.pid):
-                    self.samples.add((int(str(row[0]).rsplit("/", 1)[-1]), int(row[1]), str(row[2])))
-                self.count, taken = self.count + 1, taken + 1
-                if taken < SAMPLE_BURST:
-                    await asyncio.sleep(0)
-                else:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, SAMPLE_MAX_S)
 
 
 # --- SQLAlchemy's execute events, for every connection a tracer watches ------------------------

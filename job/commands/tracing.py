@@ -79,7 +79,8 @@ async def trace_service(
     run: Run, service: Service, target: db.Target, result: DatabaseResult, *, start: str, to: str
 ) -> list[lockrules.RevisionTrace]:
     """Apply the service's revisions on the scratch target, tracing those after start; return the traces."""
-    from job.trace import Sampler, Tracer
+    from job.lockwatch import Sampler
+    from job.trace import Tracer
 
     started = time.monotonic()
     _, connection = await run.connect(target)
@@ -134,7 +135,7 @@ def _log_revision(one: lockrules.RevisionTrace, findings: list[lockrules.Finding
         logs.event(
             "trace.statement",
             f"{one.service}: {one.revision}: " + _statement_summary(statement),
-            level=logging.DEBUG,
+            level=logging.INFO,
             service=one.service,
             revision=one.revision,
             statement=" ".join((statement.statement or "").split()) or None,
