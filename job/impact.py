@@ -194,11 +194,11 @@ def size(value: float) -> str:
 
 
 def duration(ms: int) -> str:
-    """Return a duration for people: under 1 ms, 35 ms, 4.2 s, 12 min."""
+    """Return an estimated duration for people: under 1 ms, about 35 ms, about 4.2 s, about 12 min."""
     if ms < 1:
         return "under 1 ms"
     if ms < 1000:
-        return f"{ms} ms"
+        return f"about {ms} ms"
     if ms < 120_000:
-        return f"{ms / 1000:.1f} s"
-    return f"{ms / 60_000:.0f} min"
+        return f"about {ms / 1000:.1f} s"
+    return f"about {ms / 60_000:.0f} min"

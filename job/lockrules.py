@@ -195,7 +195,7 @@ class Finding:
         """Return whether lint saw it, in words."""
         if self.lint is None:
             return "lint not run"
-        return f"lint saw it too ({', '.join(self.lint)})" if self.lint else "lint missed it"
+        return f"lint saw it too: {', '.join(self.lint)}" if self.lint else "lint missed it"
 
 
 def judge(trace: RevisionTrace, lint: RevisionSQL | None = None, lint_ran: bool = False) -> list[Finding]:

@@ -69,7 +69,8 @@ def markdown(traced: Traced) -> str:
     lines += [
         "",
         "Measured by applying each revision on a scratch database and reading PostgreSQL's catalog "
-        "(`pg_locks`, `relfilenode`, scan counts). Only tables that existed before the revision are shown.",
+        "(`pg_locks`, `relfilenode`, scan counts). Only tables that existed before the revision are shown. "
+        "*scan*: read in full; *yes* when a lock that blocks writes was held meanwhile.",
     ]
     service = None
     for one, findings in traced:
@@ -89,9 +90,11 @@ def markdown(traced: Traced) -> str:
                 mode = one.locks.get(table)
                 blocks = ", ".join(lockmodes.blocks(mode)) or "-"
                 cells = [_cell(f) for f in by_table.pop(table, [])]
+                read = any(table in s.scanned for s in one.statements)
+                scan = "yes" if table in one.scanned else "yes, writes go on" if read else "-"
                 lines.append(
                     f"| {table} | {mode or '-'} | {blocks} | {'yes' if table in one.rewritten else '-'} | "
-                    f"{'yes' if table in one.scanned else '-'} | {'<br>'.join(cells) or '-'} |"
+                    f"{scan} | {'<br>'.join(cells) or '-'} |"
                 )
         for finding in by_table.get("", []):
             lines.append(f"\n{_cell(finding)}")

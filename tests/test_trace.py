@@ -451,3 +451,58 @@ def test_lock_modes_and_what_they_block() -> None:
     assert [lockmodes.blocks_writes(m) for m in lockmodes.MODES] == [False] * 4 + [True] * 4
     assert set(LINT_RULES) == {"table-rewrite", "scan-under-lock"}
     assert isinstance(RevisionTrace, type)
+
+
+# --- The docs page (docs/locks.md) says what the code does ------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "locks.md"
+SHIPPED = Path(__file__).resolve().parent.parent / "services"
+
+
+def test_the_docs_lock_mode_table_is_the_one_the_code_uses() -> None:
+    rows = [
+        line.split("|")
+        for line in DOCS.read_text().splitlines()
+        if line.startswith("| `") and "Lock`" in line
+    ]
+    table = {r[1].strip(" `"): (r[3].strip(), r[4].strip()) for r in rows}
+    assert list(table) == list(lockmodes.MODES)
+    for mode, (reads, writes) in table.items():
+        assert reads.startswith("yes") == ("reads" in lockmodes.blocks(mode)), mode
+        assert writes.startswith("yes") == ("writes" in lockmodes.blocks(mode)), mode
+
+
+def test_the_docs_show_the_trace_of_the_shipped_services(
+    pg: PgServer, tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """The section is what the command produces (its headings one level down)."""
+    manifest = write_manifest(
+        tmp_path / "m.toml",
+        [
+            {
+                "service": name,
+                "database": name.replace("-", "_"),
+                "host": "127.0.0.1",
+                "user": "u",
+                "password": "p",
+            }
+            for name in ("settlement", "risk-engine", "compliance")
+        ],
+    )
+    env = {
+        **job_env,
+        "MIGRATE_MANIFEST": str(manifest),
+        "MIGRATE_SERVICES_DIR": str(SHIPPED),
+        "SCRATCH_URL": pg.admin_dsn("postgres"),
+    }
+    run = run_job("trace", "--scratch", "env://SCRATCH_URL", "--output", str(tmp_path / "out"), env=env)
+    assert run.code == 0, run.stdout
+    produced = (tmp_path / "out" / "trace.md").read_text()
+    produced = produced[produced.index("\n## ") + 1 :]
+    shifted = "\n".join("#" + line if line.startswith("##") else line for line in produced.splitlines())
+    docs = DOCS.read_text()
+    begin = docs.index("<!-- trace of the shipped services: begin -->\n") + len(
+        "<!-- trace of the shipped services: begin -->\n"
+    )
+    end = docs.index("<!-- trace of the shipped services: end -->")
+    assert docs[begin:end].strip() == shifted.strip()

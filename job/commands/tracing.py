@@ -259,7 +259,7 @@ async def _weigh_one(
         logs.event(
             "db.impact",
             f"{entry.label}: revision {found.revision} takes {found.mode} on {found.table} ({rows}), "
-            f"which blocks {blocks} for about {weighing.duration(found.estimate_ms)}"
+            f"which blocks {blocks} for {weighing.duration(found.estimate_ms)}"
             + (" while it rewrites the table" if found.rewrite else "")
             + (" while it reads the table in full" if found.scan and not found.rewrite else ""),
             level=logging.WARNING if found.estimate_ms >= 1000 else logging.INFO,
