@@ -207,15 +207,12 @@ def _add_trace(sub: argparse._SubParsersAction[Any], selectors: argparse.Argumen
         parents=[selectors],
         help="run each revision on a scratch database and report what it locks, rewrites and scans "
         "(exit 9 on findings)",
+        description="Apply each revision on a scratch database (created and dropped here) and read from "
+        "PostgreSQL what it locked, rewrote and read in full. Findings: table-rewrite, scan-under-lock "
+        "(docs/locks.md).",
     )
     trc.add_argument("--scratch", required=True, metavar="REF", help=SCRATCH_HELP)
-    trc.add_argument(
-        "--from",
-        dest="start",
-        default="base",
-        metavar="REV",
-        help="trace the revisions after REV (default: base)",
-    )
+    trc.add_argument("--from", dest="start", default="base", metavar="REV", help="after REV (default: base)")
     trc.add_argument("--to", default="head", metavar="REV", help="last revision (default: head)")
     _add_fail_on(trc)
     trc.add_argument("--output", type=Path, metavar="DIR", help="write trace.json and trace.md here")
