@@ -20,8 +20,9 @@ RUN pip install --no-cache-dir uv==0.13.9
 
 WORKDIR /app
 
-# Dependencies first: this layer is reused until uv.lock changes.
-COPY pyproject.toml uv.lock README.md ./
+# Dependencies first: this layer is reused until pyproject.toml or uv.lock changes (nothing else is
+# copied before it, so a README or code edit does not reinstall them).
+COPY pyproject.toml uv.lock ./
 RUN uv sync --frozen --no-dev --no-install-project
 
 # The job and everything it reads at run time, nothing else (see .dockerignore).
@@ -32,7 +33,7 @@ COPY deploy/environments/ deploy/environments/
 # uv's lock file is world-writable (0666): it goes, so that nothing under /app is writable at run time.
 RUN uv sync --frozen --no-dev \
     && python -m compileall -q job services \
-    && rm pyproject.toml uv.lock README.md .venv/.lock
+    && rm pyproject.toml uv.lock .venv/.lock
 
 # ---- runtime: the slim Python image, the venv and the three folders, a non-root user -----------
 FROM ${PYTHON_IMAGE}

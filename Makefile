@@ -14,13 +14,19 @@ REPOSITORY ?= migrate-job
 TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo manual)
 IMAGE ?= $(REGION)-docker.pkg.dev/$(PROJECT)/$(REPOSITORY)/migrate-job:$(TAG)
 JOB = migrate-job-$(ENV)
+# The Dockerfile's base image; empty keeps its default (python:3.11-slim-bookworm).
+PYTHON_IMAGE ?=
 
-.PHONY: help install demo test lint format image-check image image-test push deploy execute bench
+# Test processes: pytest-xdist workers, each with a PostgreSQL of its own (see docs/development.md).
+TEST_WORKERS ?= 2
+
+.PHONY: help install demo test test-scale lint format image-check image image-test push deploy execute bench
 
 help:
 	@echo "make install   create .venv from uv.lock (runtime + dev tools)"
 	@echo "make demo      migrate three throwaway databases the way Cloud Run would, then clean up"
-	@echo "make test      lint, then the whole test suite against a real PostgreSQL"
+	@echo "make test      lint, image-check, then the whole test suite in parallel against a real PostgreSQL"
+	@echo "make test-scale  the scale tests: 1000 databases in one run, memory of the process tree sampled"
 	@echo "make lint      ruff check, ruff format --check, mypy"
 	@echo "make format    ruff format and ruff check --fix"
 	@echo "make bench     time this job against the alembic loop, dbmate and psql -f on 100 databases (not in make test)"
@@ -44,7 +50,10 @@ lint: install
 	$(UV) run --frozen mypy job devtools
 
 test: lint image-check
-	$(UV) run --frozen pytest
+	$(UV) run --frozen pytest -n $(TEST_WORKERS)
+
+test-scale: install
+	$(UV) run --frozen pytest -m scale
 
 bench: install
 	$(UV) run --frozen python -m devtools.bench $(BENCH_ARGS)
@@ -53,7 +62,8 @@ image-check: install
 	$(UV) run --frozen python -m devtools.image_check
 
 image: install
-	$(UV) run --frozen python -m devtools.engine build --image $(IMAGE) --revision $$(git rev-parse HEAD)
+	$(UV) run --frozen python -m devtools.build_context
+	$(UV) run --frozen python -m devtools.engine build --image $(IMAGE) --revision $$(git rev-parse HEAD) --base "$(PYTHON_IMAGE)"
 
 image-test: install
 	$(UV) run --frozen python -m devtools.image_test

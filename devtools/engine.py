@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["build", "push", "which"])
     parser.add_argument("--image", default="migrate-job:dev")
     parser.add_argument("--revision", default="unknown")
+    parser.add_argument("--base", default="", help="another PYTHON_IMAGE (a local stand-in, a mirror)")
     args = parser.parse_args(argv)
     engine = choose(os.environ.get("ENGINE", ""))
     if args.action == "which":
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "push":
         return run(engine, ["push", args.image])
     build = ["build", "--build-arg", f"REVISION={args.revision}", "-t", args.image, str(REPO)]
+    if args.base:
+        build[1:1] = ["--build-arg", f"PYTHON_IMAGE={args.base}"]
     if engine == "podman":
         build[1:1] = ["--network", "host"]
     return run(engine, build)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from devtools import podman
+from devtools import build_context, podman
 
 APP = "app"
 # Content that is a credential wherever it appears.
@@ -31,23 +31,6 @@ SECRET_PATTERNS = {
     "a GitHub token": re.compile(rb"\bgh[pousr]_[A-Za-z0-9]{36}\b"),
     "a Slack token": re.compile(rb"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
 }
-# Files that hold credentials by their name.
-CREDENTIAL_FILES = {
-    ".netrc",
-    ".pypirc",
-    ".git-credentials",
-    ".npmrc",
-    ".env",
-    "id_rsa",
-    "id_dsa",
-    "id_ecdsa",
-    "id_ed25519",
-    "credentials.json",
-    "application_default_credentials.json",
-    "access_tokens.db",
-    "credentials.db",
-}
-CREDENTIAL_SUFFIXES = (".p12", ".pfx", ".jks", ".keystore")
 COMPILERS = re.compile(
     r"^(?:[\w-]+-)?(?:gcc|g\+\+|cc|c\+\+|clang|clang\+\+|tcc|cc1|cc1plus|gfortran)(?:-[\d.]+)?$"
 )
@@ -80,6 +63,9 @@ class LayerScan:
     packaged: list[tuple[str, str, str, str]] = field(default_factory=list)
     dpkg_sums: dict[str, str] = field(default_factory=dict)
     exempted: list[str] = field(default_factory=list)
+    # Every entry's path, and where each forbidden string was found: what the planted-file check reads.
+    names: set[str] = field(default_factory=set)
+    hits: dict[bytes, list[str]] = field(default_factory=dict)
 
     def add(self, kind: str, where: str) -> None:
         """Record one finding of a kind."""
@@ -127,6 +113,7 @@ def scan_layers(layers: list[Path], forbidden: list[str]) -> LayerScan:
         for tar, info in members(layer):
             scan.files += 1
             name = info.name.removeprefix("./")
+            scan.names.add(name)
             where = f"layer {number}: /{name}"
             _scan_name(scan, name, where)
             handle = tar.extractfile(info) if info.isfile() and 0 < info.size <= MAX_SCANNED else None
@@ -153,7 +140,11 @@ def _scan_name(scan: LayerScan, name: str, where: str) -> None:
     if CACHES.search(name):
         scan.add("package cache", where)
     base = path.name.removeprefix(".wh.")
-    if base in CREDENTIAL_FILES or base.endswith(CREDENTIAL_SUFFIXES):
+    # Among the files copied from the clone (/app but its venv) the build's stricter rule applies;
+    # a system image and the venv's packages have public .pem certificates and .gpg keyrings.
+    copied = name.startswith(APP + "/") and not name.startswith(APP + "/.venv/")
+    rule = build_context.credential_kind if copied else build_context.named_credential
+    if rule(base):
         scan.add("credential file", where)
     if any(name.startswith(d + "/") for d in BIN_DIRS) and COMPILERS.match(base):
         scan.add("compiler", where)
@@ -164,7 +155,10 @@ def _scan_content(scan: LayerScan, data: bytes, needles: list[bytes], where: str
     for kind, pattern in SECRET_PATTERNS.items():
         if pattern.search(data):
             scan.packaged.append((f"secret ({kind})", where, name, hashlib.md5(data).hexdigest()))
-    if any(needle in data for needle in needles):
+    found = [needle for needle in needles if needle in data]
+    for needle in found:
+        scan.hits.setdefault(needle, []).append(where)
+    if found:
         scan.add("secret (a password used by the tests)", where)
 
 

@@ -4,7 +4,10 @@
    project's own podman configuration (devtools/podman.py).
 2. A stand-in for the Dockerfile's base image, made from Debian bookworm packages and cached
    (devtools/standin.py), checked against what the image relies on in the real one.
-3. The real Dockerfile, unmodified, built against it (``--build-arg PYTHON_IMAGE=<stand-in>``).
+3. The real Dockerfile, unmodified, built against it (``--build-arg PYTHON_IMAGE=<stand-in>``), from a
+   temporary copy of the clone with credential files planted where a developer keeps them (a .env
+   beside a service, in its migrations folder and in deploy/environments/, a key, a service-account
+   key): ``make image``'s check must refuse that copy and name each one, and none may reach a layer.
 4. The image run as a Cloud Run job task: its own ENTRYPOINT and USER, ``--memory 512m --cpus 1``,
    the ``CLOUD_RUN_*`` variables, a Cloud SQL-shaped socket directory at ``/cloudsql``, passwords
    from the Secret Manager emulator (reached over host networking), the ``local`` manifest the
@@ -22,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,12 +35,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from devtools import image_hygiene, image_runs, jobfixture, podman, standin
+from devtools import build_context, image_hygiene, image_runs, jobfixture, podman, standin
 from devtools.checklist import CheckFailed, Session, none
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = "localhost/migrate-job:image-test"
 BUILDER = "localhost/migrate-job:image-test-builder"
+# Where developers keep credentials in a clone (seed 000 keeps a .env per service), and other shapes.
+PLANTED = (
+    "services/settlement/.env",
+    "services/settlement/migrations/.env",
+    "deploy/environments/.env",
+    "deploy/environments/.env.prod",
+    "services/compliance/client-key.pem",
+    "job/tls.key",
+    "services/risk-engine/prod-sa-key.json",
+)
+# A unique string in every planted file: found in any layer, it proves a planted file shipped.
+MARKER = f"mj-planted-{secrets.token_hex(8)}"
 
 
 # ---- setup, base, build ---------------------------------------------------------------------
@@ -50,7 +67,41 @@ def setup() -> str:
     return f"{done}; {version}, runc, cgroupfs, ulimits {' '.join(podman.ulimits())}"
 
 
-def build(base: str, session: Session) -> str:
+@contextmanager
+def planted_clone() -> Iterator[Path]:
+    """Yield a temporary copy of the clone with a credential file planted at each PLANTED path."""
+    with tempfile.TemporaryDirectory(prefix="mjclone", dir=podman.CACHE) as tmp:
+        clone = Path(tmp) / "clone"
+        skipped = shutil.ignore_patterns(*build_context.SKIPPED_DIRS)
+        shutil.copytree(REPO, clone, ignore=skipped, symlinks=True)
+        for rel in PLANTED:
+            content = f"DB_PASSWORD={MARKER}\n"
+            if rel.endswith(".json"):
+                content = json.dumps({"type": "service_account", "private_key": MARKER})
+            (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+            (clone / rel).write_text(content)
+        yield clone
+
+
+def refuses_planted(clone: Path) -> str:
+    """Raise unless make image's check refuses the planted clone naming every planted file."""
+    named = {finding.path for finding in build_context.scan(clone)}
+    missed = [rel for rel in PLANTED if rel not in named]
+    if missed:
+        raise CheckFailed(f"the check let these planted files through: {missed}")
+    return f"refused, naming all {len(PLANTED)}: {', '.join(PLANTED)}"
+
+
+def no_planted_file(scan: image_hygiene.LayerScan) -> str:
+    """Raise if a planted file, or the marker of their content, is in any layer."""
+    shipped = [f"/app/{rel}" for rel in PLANTED if f"app/{rel}" in scan.names]
+    shipped += scan.hits.get(MARKER.encode(), [])
+    if shipped:
+        raise CheckFailed(f"planted credentials reached the image: {shipped}")
+    return f"none of the {len(PLANTED)} by name or content"
+
+
+def build(base: str, session: Session, context: Path) -> str:
     """Build the real Dockerfile against the stand-in; keep the log in build/image-build.log.
 
     The builder stage is tagged too (a first build with ``--target builder``), so that its layers
@@ -61,7 +112,7 @@ def build(base: str, session: Session) -> str:
     log = ""
     for target, tag in (("builder", BUILDER), (None, IMAGE)):
         result = podman.podman(
-            *build_command(base, revision.stdout.strip(), target, tag), check=False, timeout=1800
+            *build_command(base, revision.stdout.strip(), target, tag, context), check=False, timeout=1800
         )
         log += result.stdout + result.stderr
         if result.returncode != 0:
@@ -76,12 +127,12 @@ def build(base: str, session: Session) -> str:
     return f"{IMAGE} in {session.figures['build_s']} s ({cached})"
 
 
-def build_command(base: str, revision: str, target: str | None, tag: str) -> list[str]:
+def build_command(base: str, revision: str, target: str | None, tag: str, context: Path) -> list[str]:
     """Return the podman build arguments: the real Dockerfile, with the stand-in as PYTHON_IMAGE."""
     command = ["build", "--pull=never", "--network", "host", "--build-arg", f"PYTHON_IMAGE={base}"]
-    command += ["--build-arg", f"REVISION={revision or 'unknown'}", "-f", str(REPO / "Dockerfile")]
+    command += ["--build-arg", f"REVISION={revision or 'unknown'}", "-f", str(context / "Dockerfile")]
     command += ["--target", target] if target else []
-    return [*command, "-t", tag, str(REPO)]
+    return [*command, "-t", tag, str(context)]
 
 
 # ---- the Cloud Run task ---------------------------------------------------------------------
@@ -92,7 +143,7 @@ def build_command(base: str, revision: str, target: str | None, tag: str) -> lis
 
 def hygiene_checks(session: Session) -> None:
     """Check the image's user, files, layers, configuration and history."""
-    forbidden = [jobfixture.PASSWORD, image_runs.WRONG_PASSWORD, jobfixture.TOKEN]
+    forbidden = [jobfixture.PASSWORD, image_runs.WRONG_PASSWORD, jobfixture.TOKEN, MARKER]
     session.check("runs as a non-root user", lambda: none(image_hygiene.user_problems(IMAGE)))
     with mounted(IMAGE) as root:
         session.check(
@@ -109,7 +160,7 @@ def hygiene_checks(session: Session) -> None:
             ("package cache", "no package caches"),
         ):
             session.check(f"{name} in any layer", lambda k=kind: none(scan.findings.get(k, [])))  # type: ignore[misc]
-        secrets = [
+        found = [
             f"{k}: {w}"
             for k, ws in scan.findings.items()
             if k.startswith(("secret", "credential"))
@@ -117,8 +168,9 @@ def hygiene_checks(session: Session) -> None:
         ]
         session.check(
             f"no secret or credential in any layer ({len(layers)} layers, {scan.files} entries)",
-            lambda: none(secrets) or exempted(scan.exempted),
+            lambda: none(found) or exempted(scan.exempted),
         )
+        session.check("no planted credential file reached any layer", lambda: no_planted_file(scan))
     session.check(
         "no secret in the image's configuration or history",
         lambda: none(image_hygiene.config_problems(IMAGE, forbidden)),
@@ -231,11 +283,16 @@ def main(argv: list[str] | None = None) -> int:
                 or "interpreter path and version line, users, shells, CA bundle, ENV, CMD"
             ),
         )
-        session.check(
-            "the real Dockerfile builds, unmodified, against the stand-in",
-            lambda: build(base, session),
-            fatal=True,
-        )
+        with planted_clone() as clone:
+            session.check(
+                f"make image refuses a clone holding {len(PLANTED)} planted credential files",
+                lambda: refuses_planted(clone),
+            )
+            session.check(
+                "the real Dockerfile builds, unmodified, against the stand-in, from that clone",
+                lambda: build(base, session, clone),
+                fatal=True,
+            )
         measure_image(session, base)
         image_runs.cloud_run_checks(session, IMAGE)
         hygiene_checks(session)

@@ -39,7 +39,7 @@ HANDLED_BY_JOB: dict[str, str] = {
 }
 EXPAND_CONTRACT = (
     "expand and contract over two releases: a new column kept in step by a trigger, job.ops.backfill, "
-    "then drop the old one (README: Zero-downtime recipes)"
+    "then drop the old one (docs/authoring.md: Zero-downtime recipes)"
 )
 # Rules whose risky statement a job.ops helper does safely: the finding's help names the helper.
 HELPERS: dict[str, str] = {

@@ -53,7 +53,7 @@ CONFLICTS: dict[str, frozenset[str]] = {
 }
 # What the application's queries ask for, and the word a report uses for each.
 QUERIES = (("reads", "AccessShareLock"), ("writes", "RowExclusiveLock"))
-# Statements that take each mode (PostgreSQL's documentation, abridged), for reports and the README.
+# Statements that take each mode (PostgreSQL's documentation, abridged), for reports and docs/locks.md.
 TAKEN_BY = {
     "AccessShareLock": "SELECT",
     "RowShareLock": "SELECT ... FOR UPDATE / FOR SHARE",

@@ -132,7 +132,7 @@ NO_REASON = "trace-ignore-without-reason"
 KEYWORD = "trace-ignore"
 EXPAND_CONTRACT = (
     "expand and contract over two releases: a new column kept in step by a trigger, job.ops.backfill, "
-    "then drop the old one (README: Zero-downtime recipes, renaming a column or changing its type)"
+    "then drop the old one (docs/authoring.md: Zero-downtime recipes, renaming a column or changing its type)"
 )
 # squawk's rules that name the same problem, for "lint saw it too".
 LINT_RULES = {
@@ -352,5 +352,5 @@ def _scan_cause(trace: RevisionTrace, table: str) -> tuple[str, str]:
     return (
         "a statement of the revision read every row while it held the lock; the trace.statement lines "
         "say which",
-        "the job.ops helper or README recipe for that statement (README: Zero-downtime recipes)",
+        "the job.ops helper or recipe for that statement (docs/authoring.md: Zero-downtime recipes)",
     )

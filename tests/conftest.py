@@ -164,9 +164,29 @@ def grant_membership(pg: PgServer, role: str, member: str = IAM_USER) -> None:
     pg.execute(f'GRANT "{role}" TO "{member}"')
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the tests marked long first (the order is otherwise kept).
+
+    Under pytest-xdist a long test collected last keeps one worker busy while the other has
+    nothing left; started first, it overlaps with the short ones.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
+# Under pytest-xdist, each worker appends its processes' output to a file of its own in this
+# directory, which the controller (or a run without workers) searches at the end.
+OUTPUT_DIR_VARIABLE = "MIGRATE_TEST_OUTPUT_DIR"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Make the session's directory of child-process output (workers inherit it through the environment)."""
+    if not hasattr(config, "workerinput"):
+        os.environ[OUTPUT_DIR_VARIABLE] = tempfile.mkdtemp(prefix="migrate-job-test-output-")
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Start the session's log of child-process output for the secret leak check."""
-    fd, path = tempfile.mkstemp(prefix="migrate-job-test-output-", suffix=".log")
+    """Start this process's log of child-process output for the secret leak check."""
+    fd, path = tempfile.mkstemp(suffix=".log", dir=os.environ[OUTPUT_DIR_VARIABLE])
     os.close(fd)
     support.OUTPUT_LOG = Path(path)
 
@@ -174,10 +194,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the session if any test password reached the output of any process the tests ran."""
     support.stop_warm_server()
-    if support.OUTPUT_LOG is None:
-        return
-    text = support.OUTPUT_LOG.read_text(encoding="utf-8")
-    support.OUTPUT_LOG.unlink(missing_ok=True)
+    if hasattr(session.config, "workerinput"):
+        return  # the controller searches every worker's log once they are all done
+    folder = Path(os.environ[OUTPUT_DIR_VARIABLE])
+    text = "".join(log.read_text(encoding="utf-8") for log in sorted(folder.glob("*.log")))
+    shutil.rmtree(folder, ignore_errors=True)
     leaked = [p for p in ALL_PASSWORDS if any(form in text for form in support.spellings(p))]
     if leaked:
         print(f"\nSECRET LEAK: {len(leaked)} test password(s) appeared in job output")

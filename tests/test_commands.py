@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Database
 from tests.support import HEADS, run_job, run_script, write_manifest
 
@@ -154,6 +156,7 @@ ORDER BY 1, 2, 3
 """
 
 
+@pytest.mark.long
 def test_offline_sql_builds_the_same_schema_as_upgrade(
     make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
 ) -> None:

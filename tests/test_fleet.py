@@ -37,6 +37,8 @@ ENTRY_BYTES = 256 * 1024
 # Databases are created, checked and dropped over this many connections at once.
 CONNECTIONS = 2
 FIGURES = REPO / "build" / "fleet-1000.json"
+# Run by `make test-scale` (and CI after `make test`): two and a half minutes, most of it the disk.
+pytestmark = pytest.mark.scale
 
 
 @dataclass

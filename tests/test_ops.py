@@ -1,6 +1,6 @@
 """job.ops, the zero-downtime helpers: run by the job as a real process while an application works.
 
-The revisions here are the README's "Zero-downtime recipes" (tests/fixtures/zero_downtime/ledger),
+The revisions here are the "Zero-downtime recipes" of docs/authoring.md (tests/fixtures/zero_downtime/ledger),
 plus a slow index build to kill (slowbuild) and a misuse to refuse (misuse). The application is
 three asyncpg connections in a thread: a reader, a writer and an updater that keeps each row lock
 for 20 ms, each statement timed. No statement of theirs may wait longer than the job's
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from sqlalchemy.engine import URL
 
 from job import db
@@ -270,6 +271,7 @@ def waits_per_revision(job: JobProcess, load: AppLoad, end: float) -> dict[str, 
     return out
 
 
+@pytest.mark.long
 def test_each_recipe_keeps_application_queries_within_lock_timeout(
     make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
 ) -> None:
@@ -602,9 +604,9 @@ RECIPE_BLOCK = re.compile(
 )
 
 
-def test_the_readme_recipes_are_the_revisions_these_tests_run() -> None:
-    """Each recipe in the README is copied from the fixture revision that the tests above apply."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+def test_the_documented_recipes_are_the_revisions_these_tests_run() -> None:
+    """Each recipe in docs/authoring.md is copied from the fixture revision that the tests above apply."""
+    readme = (REPO / "docs" / "authoring.md").read_text(encoding="utf-8")
     blocks = list(RECIPE_BLOCK.finditer(readme))
     shown = {Path(b["path"]).name.split("_")[2] for b in blocks}
     assert shown >= set(LEDGER[1:]), sorted(shown)

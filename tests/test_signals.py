@@ -387,6 +387,7 @@ def assert_server_clean(db: Database, context: str) -> None:
     assert locks == [], f"{context}: advisory locks left: {locks}"
 
 
+@pytest.mark.long
 def test_sigterm_at_random_moments_rolls_back_and_exits_143(
     sleepies: list[Sleepy], rng: tuple[random.Random, int]
 ) -> None:
@@ -419,6 +420,7 @@ def test_sigterm_at_random_moments_rolls_back_and_exits_143(
         assert schema_revision(target.db, f"seed={seed} final run") == HEAD
 
 
+@pytest.mark.long
 def test_sigkill_at_random_moments_leaves_the_schema_at_a_revision(
     sleepies: list[Sleepy], rng: tuple[random.Random, int]
 ) -> None:

@@ -152,6 +152,7 @@ def test_canary_splits_per_entry_or_for_the_whole_selection() -> None:
 # ---- keep going -----------------------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_twenty_tenants_three_broken_the_others_are_migrated_and_a_rerun_takes_only_the_three(
     fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
 ) -> None:

@@ -51,6 +51,7 @@ def test_the_shipped_files_pass_the_static_checks() -> None:
     assert image_check.static_checks(REPO) == []
 
 
+@pytest.mark.long
 def test_a_dockerfile_that_forgets_a_folder_fails_the_smoke_run(checkout: Path) -> None:
     # The image would build; only running the job from it shows that the manifests are missing.
     edit(checkout / "Dockerfile", "COPY deploy/environments/ deploy/environments/\n", "")
@@ -59,6 +60,7 @@ def test_a_dockerfile_that_forgets_a_folder_fails_the_smoke_run(checkout: Path) 
     assert "/app/deploy/environments is missing from the image" in result.stderr
 
 
+@pytest.mark.long
 def test_a_module_missing_from_the_image_fails_the_real_upgrade(checkout: Path) -> None:
     # Every folder is there, but env.py imports models.py: only running a migration shows it.
     ignore = checkout / ".dockerignore"

@@ -81,10 +81,30 @@ def layer(tmp_path: Path, files: dict[str, bytes]) -> Path:
 
 
 def test_a_private_key_in_a_deleted_file_of_an_earlier_layer_is_found(tmp_path: Path) -> None:
-    first = layer(tmp_path, {"app/deploy/key.pem": KEY, "app/ok.py": b"x = 1\n"})
-    second = layer(tmp_path, {"app/deploy/.wh.key.pem": b""})
+    first = layer(tmp_path, {"app/deploy/notes.txt": KEY, "app/ok.py": b"x = 1\n"})
+    second = layer(tmp_path, {"app/deploy/.wh.notes.txt": b""})
     scan = image_hygiene.scan_layers([first, second], [])
-    assert scan.findings == {"secret (a private key)": ["layer 1: /app/deploy/key.pem"]}
+    assert scan.findings == {"secret (a private key)": ["layer 1: /app/deploy/notes.txt"]}
+
+
+def test_key_names_are_credentials_among_the_jobs_files_but_not_in_the_system(tmp_path: Path) -> None:
+    # A base image has public .pem certificates and .gpg keyrings; the job's files have no reason to.
+    files = {
+        "app/services/s/.env.prod": b"x",
+        "app/deploy/environments/tls.key": b"x",
+        "app/services/s/prod-sa-key.json": b"{}",
+        "etc/ssl/certs/ca.pem": b"x",
+        "app/.venv/lib/python3.11/site-packages/certifi/cacert.pem": b"x",
+        "usr/share/keyrings/debian.gpg": b"x",
+        "etc/app/.env": b"x",
+    }
+    scan = image_hygiene.scan_layers([layer(tmp_path, files)], [])
+    assert sorted(scan.findings["credential file"]) == [
+        "layer 1: /app/deploy/environments/tls.key",
+        "layer 1: /app/services/s/.env.prod",
+        "layer 1: /app/services/s/prod-sa-key.json",
+        "layer 1: /etc/app/.env",
+    ]
 
 
 def test_the_marker_strings_of_key_parsers_are_not_keys(tmp_path: Path) -> None:
