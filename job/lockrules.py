@@ -241,16 +241,28 @@ def failing(findings: list[Finding], fail_on: str) -> list[Finding]:
 
 def _finding(trace: RevisionTrace, rule: str, table: str, what: str, hint: str) -> Finding:
     """Return a finding whose sentence says what the lock blocks, how long, and what avoids it."""
-    mode = trace.locks.get(table)
+    culprit = _culprit(trace, table, rule)
+    mode = (culprit.locks.get(table) if culprit else None) or trace.locks.get(table)
     held = trace.held_ms.get(table)
     blocks = lockmodes.describe_blocks(mode)
     work = "copying the table and rebuilding its indexes" if rule == "table-rewrite" else "reading it all"
+    until = "the statement ends" if culprit is not None and culprit.outside else "the revision commits"
     message = (
         f"{trace.service}: revision {trace.revision} {what} under {mode}, which blocks {blocks} on "
-        f"{table} until the revision commits ({held if held is not None else '?'} ms here, on a scratch "
+        f"{table} until {until} ({held if held is not None else '?'} ms here, on a scratch "
         f"database; on a real one as long as {work} takes). Avoid it with {hint}"
     )
     return Finding(trace.service, trace.revision, rule, table, message, hint, mode, held, trace.path)
+
+
+def _culprit(trace: RevisionTrace, table: str, rule: str) -> StatementTrace | None:
+    """Return the statement that rewrote the table, or read it under a lock that blocks writes."""
+    for statement in trace.statements:
+        if rule == "table-rewrite" and table in statement.rewritten:
+            return statement
+        if table in statement.scanned and lockmodes.blocks_writes(statement.locks.get(table)):
+            return statement
+    return None
 
 
 def _with(finding: Finding, reason: str | None, lint: list[str] | None) -> Finding:
@@ -308,8 +320,10 @@ def _rewrite_cause(trace: RevisionTrace, table: str) -> tuple[str, str]:
 def _scan_cause(trace: RevisionTrace, table: str) -> tuple[str, str]:
     """Return what read the table under the lock, as far as its catalog says, and what avoids it."""
     old, new = _details(trace, table)
-    indexes = sorted(new["indexes"] - old["indexes"])
-    if indexes and trace.locks.get(table) == "ShareLock":
+    culprit = _culprit(trace, table, "scan-under-lock")
+    text = (culprit.statement or "") if culprit is not None else ""
+    indexes = sorted(new["indexes"] - old["indexes"], key=lambda name: name.rsplit(".", 1)[-1] not in text)
+    if indexes and (culprit.locks.get(table) if culprit else trace.locks.get(table)) == "ShareLock":
         return (
             f"building index {indexes[0]} without CONCURRENTLY",
             "job.ops.create_index_concurrently(index_name, table_name, columns): built while writes go on",

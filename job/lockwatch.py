@@ -101,8 +101,8 @@ class Sampler:
 
     async def _close_gate(self, oids: list[int]) -> None:
         async with self._busy:
-            if self._gate is not None or not oids:
-                return
+            if self._gate is not None or not oids or self._task is None or self._task.done():
+                return  # no watch running to let go of it: the statement is not gated
             names = [r[0] for r in await self.connection.fetch(GATE_TABLES_SQL, oids)]
             if not names:
                 return

@@ -227,6 +227,34 @@ def test_sql_built_in_python_is_caught_where_lint_sees_nothing(
     assert run_job("lint", "--from", "locks0002", env=env).code == 0  # what lint alone says
 
 
+AUTOCOMMIT_INDEXES = """    with op.get_context().autocommit_block():
+        op.execute("CREATE INDEX CONCURRENTLY ix_payments_note ON payments (note)")
+        op.execute("CREATE INDEX ix_payments_amount ON payments (amount)")"""
+
+
+def test_statements_outside_the_transaction_are_watched_while_they_run(
+    pg: PgServer, tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """In an autocommit block: the plain index blocks writes while it reads (a finding, its lock held
+    until the statement ends), the concurrent one does not; both locks are seen."""
+    services = copy_locks(tmp_path, upto=2)
+    add_revision(services, "extra0005", "locks0002", AUTOCOMMIT_INDEXES)
+    env = scratch_env(pg, job_env, tmp_path, services, "locks")
+    run = run_job("trace", "--scratch", "env://SCRATCH_URL", "--from", "locks0002", env=env)
+    assert run.code == 9, run.stdout
+    statements = {line["statement"]: line for line in run.events("trace.statement")}
+    concurrent = statements["CREATE INDEX CONCURRENTLY ix_payments_note ON payments (note)"]
+    plain = statements["CREATE INDEX ix_payments_amount ON payments (amount)"]
+    assert concurrent["outside_transaction"] is True and plain["outside_transaction"] is True
+    assert concurrent["locks"] == [{"table": "payments", "mode": "ShareUpdateExclusiveLock"}]
+    assert plain["locks"] == [{"table": "payments", "mode": "ShareLock"}]
+    assert concurrent["scanned"] == plain["scanned"] == ["payments"]
+    (finding,) = run.events("trace.finding")
+    assert finding["rule"] == "scan-under-lock" and finding["mode"] == "ShareLock"
+    assert "building index ix_payments_amount without CONCURRENTLY" in finding["message"]
+    assert "until the statement ends" in finding["message"]
+
+
 def test_an_exemption_with_a_reason_passes_and_one_without_is_a_finding(
     pg: PgServer, tmp_path: Path, job_env: dict[str, str]
 ) -> None:
