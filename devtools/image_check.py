@@ -4,8 +4,10 @@
    ENTRYPOINT so SIGTERM reaches the job as PID 1, unbuffered output, OCI labels).
 2. Every ``deploy/jobs/<env>.yaml`` against the Cloud Run v1 Job resource, and against its manifest
    (job name, MIGRATE_ENV, one Cloud SQL socket per instance, no retries).
-3. ``cloudbuild.yaml`` and ``deploy/cloudbuild-release.yaml``: fields, substitutions declared and used,
-   the files their steps run, and ``bash -n`` of each script after substitution. The failed-run
+3. ``cloudbuild.yaml``, ``deploy/cloudbuild-release.yaml`` and ``deploy/cloudbuild-pr.yaml``: fields,
+   substitutions declared and used, the files and ``python -m`` modules their steps run, and
+   ``bash -n`` of each script after substitution; the pull-request build runs every check of
+   devtools.review and keeps trace.md. The failed-run
    log-based metric and alert policy of ``deploy/monitoring/`` against the LogMetric and AlertPolicy
    resources, the statuses and fields run.summary really has, and each other.
 4. The image's filesystem, rebuilt the way the Dockerfile builds it: a build context filtered by
@@ -185,7 +187,67 @@ def build_problems(path: Path, repo: Path) -> list[str]:
         for word in re.findall(r"deploy/jobs/\S+\.yaml", " ".join(args)):
             if not (repo / word).is_file():
                 problems.append(f"step {step.id}: {word} does not exist")
+        for module in re.findall(r"python3? -m ((?:devtools|job)[\w.]*)", " ".join(args)):
+            if not _module_file(repo, module).is_file():
+                problems.append(f"step {step.id}: runs python -m {module}, which does not exist")
     return problems
+
+
+def _module_file(repo: Path, module: str) -> Path:
+    """Return the file ``python -m module`` runs from the repository (a package's __main__.py)."""
+    path = repo.joinpath(*module.split("."))
+    return path / "__main__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+PR_BUILD = "deploy/cloudbuild-pr.yaml"
+# What the pull-request build must have devtools.review run, each on a throwaway server.
+REVIEW_CHECKS = (
+    ("lint",),
+    ("check", "--scratch"),
+    ("verify", "--scratch"),
+    ("trace", "--scratch", "--output"),
+)
+
+
+def pr_build_problems(repo: Path) -> list[str]:
+    """Return what the pull-request build lacks: the review of every check, trace.md kept, a verdict."""
+    path = repo / PR_BUILD
+    if not path.is_file():
+        return [f"{PR_BUILD} is missing: pull requests would not be checked"]
+    build = Build.model_validate(load_yaml(path))
+    scripts = " ".join(a for step in build.steps for a in step.args)
+    problems = []
+    if "-m devtools.review" not in scripts:
+        problems.append("no step runs python -m devtools.review (the checks, on a throwaway PostgreSQL)")
+    else:
+        run = review_checks(repo / "devtools" / "review.py")
+        for check in REVIEW_CHECKS:
+            if not any(_has(args, check) for args in run):
+                problems.append(f"devtools.review does not run {' '.join(check)}")
+    if "trace.md" not in scripts:
+        problems.append("no step keeps trace.md (the report for the pull request)")
+    if "exit_code" not in scripts:
+        problems.append("no step fails the build on the review's exit_code")
+    return [f"{PR_BUILD}: {p}" for p in problems]
+
+
+def review_checks(path: Path) -> list[list[str]]:
+    """Return the argument lists devtools.review runs (its CHECKS), read from its source."""
+    import ast
+
+    if not path.is_file():
+        return []
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.AnnAssign | ast.Assign) and node.value is not None:
+            targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
+            if any(isinstance(t, ast.Name) and t.id == "CHECKS" for t in targets):
+                return [list(args) for _, args in ast.literal_eval(node.value)]
+    return []
+
+
+def _has(args: list[str], check: tuple[str, ...]) -> bool:
+    """Return whether the arguments are the check's command with all its options."""
+    return bool(args) and args[0] == check[0] and all(option in args for option in check[1:])
 
 
 # ---- 3b. Monitoring: the failed-run metric and its alert ------------------------------------
@@ -537,9 +599,10 @@ def static_checks(repo: Path) -> list[str]:
         problems += [
             f"{path.relative_to(repo)}: {p}" for p in job_problems(path, repo / "deploy" / "environments")
         ]
-    for path in (repo / "cloudbuild.yaml", repo / "deploy" / "cloudbuild-release.yaml"):
-        problems += [f"{path.relative_to(repo)}: {p}" for p in build_problems(path, repo)]
-    return problems + monitoring_problems(repo)
+    for path in (repo / "cloudbuild.yaml", repo / "deploy" / "cloudbuild-release.yaml", repo / PR_BUILD):
+        if path.is_file():
+            problems += [f"{path.relative_to(repo)}: {p}" for p in build_problems(path, repo)]
+    return problems + pr_build_problems(repo) + monitoring_problems(repo)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,9 @@ savepoint or commit, and every statement of a revision that runs outside its tra
 (``autocommit_block``, job.ops helpers): those send what is pending first, so the server sees
 statements in the order the revision issued them. A failure in the batch fails the revision as
 the statement alone would have (the transaction rolls back whole), with the server's message.
+
+``trace`` keeps the batch and sets its ``probe``: after each statement it defers, the batch then
+holds a query that notes what the server did so far (job.trace), sent in the same round trip.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +53,7 @@ class Batch:
     statements: list[str] = field(default_factory=list)
     version: str | None = None  # the version table's move, sent last so its row count is checked
     open: bool = False  # only while a revision runs inside its own transaction
+    probe: Callable[[str], str] | None = None  # job.trace: the statement to send after each deferred one
 
     def pending(self) -> bool:
         """Return whether anything waits to be sent."""
@@ -99,6 +104,8 @@ class BatchingImpl(PostgresqlImpl):
             if sql is not None:
                 if isinstance(construct, TextClause) or not _moves_version(self, construct):
                     batch.statements.append(sql)
+                    if batch.probe is not None:
+                        batch.statements.append(batch.probe(sql))
                     return None
                 if batch.version is not None:
                     # A merge moves two rows (a delete, an update): each count is checked, so one goes now.

@@ -46,7 +46,7 @@ EXIT_CODES: dict[type[MigrateJobError], int] = {
 # Failures whose stack trace helps: a bug in the job, or a migration that raised.
 TRACED = {1, 7}
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-OFFLINE_COMMANDS = {"heads", "history", "show", "revision", "merge", "lint", "new-service", "verify"}
+OFFLINE_COMMANDS = {"heads", "history", "show", "revision", "merge", "lint", "new-service", "verify", "trace"}
 
 DESCRIPTION = """\
 Upgrade every database of an environment manifest with its service's Alembic migrations.
@@ -54,12 +54,13 @@ With no command, runs `upgrade`: this is what the Cloud Run job executes.
 
 exit codes: 0 done, 1 bug, 2 usage/configuration, 3 secret unreadable, 4 database unreachable or
 login refused, 5 lock held too long, 6 invalid history, 7 migration failed (rolled back),
-8 drift between models and migrations (check), 9 lint findings (lint),
+8 drift between models and migrations (check), 9 findings (lint, trace),
 10 pending migrations (plan --check), 130/143 interrupted.
 """
 
 
 ALLOW_AHEAD_HELP = "skip, with a warning, a database at a revision this image does not know (else exit 6)"
+SCRATCH_HELP = "secret reference to a URL whose role may CREATE DATABASE, e.g. env://SCRATCH_URL"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--to", default="head", metavar="REV", help="target revision (default: head)")
     plan.add_argument("--allow-ahead", action="store_true", help=ALLOW_AHEAD_HELP)
     plan.add_argument("--check", action="store_true", help="exit 10 if any database has migrations to apply")
+    plan.add_argument(
+        "--impact",
+        action="store_true",
+        help="trace the pending revisions on a scratch database (--scratch) and weigh their locks against "
+        "each database's tables (db.impact lines), read-only",
+    )
+    plan.add_argument("--scratch", metavar="REF", help="with --impact: " + SCRATCH_HELP)
     down = sub.add_parser(
         "downgrade", parents=[selectors], help="undo revisions down to --to (refused where not allowed)"
     )
@@ -157,18 +165,21 @@ def _add_guardrails(sub: argparse._SubParsersAction[Any], selectors: argparse.Ar
         "CREATE DATABASE); without it, the manifest's databases are compared read-only",
     )
     lnt = sub.add_parser(
-        "lint", parents=[selectors], help="lint each revision's SQL with squawk (exit 9 on findings)"
+        "lint",
+        parents=[selectors],
+        help="lint each revision's SQL with squawk (exit 9 on findings); trace is the judge that reads "
+        "PostgreSQL, not the SQL text",
+        description="Lint each revision's SQL, rendered offline, with squawk. It reads the SQL text: it "
+        "cannot see SQL built in Python or inside a DO block, nor tell a type change that rewrites the "
+        "table from one that does not. `migrate-job trace --scratch REF` runs the revisions on a scratch "
+        "database and reads what PostgreSQL did (locks, rewrites, full scans): the judge.",
     )
     lnt.add_argument(
         "--from", dest="start", default="base", metavar="REV", help="first revision's parent (default: base)"
     )
     lnt.add_argument("--to", default="head", metavar="REV", help="last revision (default: head)")
-    lnt.add_argument(
-        "--fail-on",
-        choices=("warning", "error"),
-        default="warning",
-        help="fail on findings at or above this level (default: warning, i.e. every finding)",
-    )
+    _add_fail_on(lnt)
+    _add_trace(sub, selectors)
     show = sub.add_parser(
         "show", parents=[selectors], help="show one revision: parents, file, docstring, its SQL (no database)"
     )
@@ -187,6 +198,31 @@ def _add_guardrails(sub: argparse._SubParsersAction[Any], selectors: argparse.Ar
         "new-service", help="write services/NAME/ from the blessed template (local authoring)"
     )
     new.add_argument("name", metavar="NAME", help="the service's folder name, e.g. ledger or risk-engine")
+
+
+def _add_trace(sub: argparse._SubParsersAction[Any], selectors: argparse.ArgumentParser) -> None:
+    """Add trace: each revision run on a scratch database, what PostgreSQL locked, rewrote and scanned."""
+    trc = sub.add_parser(
+        "trace",
+        parents=[selectors],
+        help="run each revision on a scratch database and report what it locks, rewrites and scans "
+        "(exit 9 on findings)",
+        description="Apply each revision on a scratch database (created and dropped here) and read from "
+        "PostgreSQL what it locked, rewrote and read in full. Findings: table-rewrite, scan-under-lock "
+        "(docs/locks.md).",
+    )
+    trc.add_argument("--scratch", required=True, metavar="REF", help=SCRATCH_HELP)
+    trc.add_argument("--from", dest="start", default="base", metavar="REV", help="after REV (default: base)")
+    trc.add_argument("--to", default="head", metavar="REV", help="last revision (default: head)")
+    _add_fail_on(trc)
+    trc.add_argument("--output", type=Path, metavar="DIR", help="write trace.json and trace.md here")
+
+
+def _add_fail_on(parser: argparse.ArgumentParser) -> None:
+    """Add --fail-on (lint, trace)."""
+    levels = ("warning", "error")
+    help_text = "fail on findings at or above this level (default: warning, i.e. every finding)"
+    parser.add_argument("--fail-on", choices=levels, default="warning", help=help_text)
 
 
 def _add_selectors(parser: argparse.ArgumentParser, default: object) -> None:
@@ -299,6 +335,8 @@ def _reads_manifest_databases(args: argparse.Namespace) -> bool:
     """Return whether the command works on the manifest's databases (so discover entries are listed)."""
     if getattr(args, "applied", False):
         return True
+    if getattr(args, "impact", False):
+        return True  # plan --impact reads every selected database, besides its scratch database
     return args.command not in OFFLINE_COMMANDS and not getattr(args, "scratch", None)
 
 
@@ -349,7 +387,14 @@ def _command(args: argparse.Namespace) -> Callable[[Run], Awaitable[None] | None
         "upgrade": lambda run: commands.upgrade(
             run, to=args.to, allow_ahead=args.allow_ahead, canary=args.canary
         ),
-        "plan": lambda run: commands.plan(run, check=args.check, to=args.to, allow_ahead=args.allow_ahead),
+        "plan": lambda run: commands.plan(
+            run,
+            check=args.check,
+            to=args.to,
+            allow_ahead=args.allow_ahead,
+            impact=args.impact,
+            scratch=args.scratch,
+        ),
         "current": lambda run: commands.current(run, allow_ahead=args.allow_ahead),
         "downgrade": lambda run: commands.downgrade(run, args.to, yes=args.yes),
         "stamp": lambda run: commands.stamp(run, args.revision, yes=args.yes),
@@ -362,6 +407,9 @@ def _command(args: argparse.Namespace) -> Callable[[Run], Awaitable[None] | None
         "lint": lambda run: commands.lint(run, start=args.start, to=args.to, fail_on=args.fail_on),
         "verify": lambda run: commands.verify(run, args.scratch),
         "check": lambda run: commands.check(run, args.scratch),
+        "trace": lambda run: commands.trace(
+            run, args.scratch, start=args.start, to=args.to, fail_on=args.fail_on, output=args.output
+        ),
         "revision": lambda run: commands.revision(
             run, args.message, autogenerate=args.autogenerate, scratch=args.scratch
         ),

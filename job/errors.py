@@ -110,3 +110,9 @@ class LintFindings(MigrateJobError):
     """``lint``: the SQL of one or more revisions breaks a PostgreSQL migration rule."""
 
     kind = "lint"
+
+
+class TraceFindings(LintFindings):
+    """``trace``: what PostgreSQL did while a revision ran breaks a rule (a rewrite, a scan under a lock)."""
+
+    kind = "trace"

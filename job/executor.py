@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from job import db, iam, logs, tls
 from job.errors import ConfigError, MigrateJobError, MigrationFailed
@@ -33,6 +33,16 @@ if TYPE_CHECKING:
     from job.db import Target
     from job.recorder import Recorder
     from job.services import Service
+
+
+class StepObserver(Protocol):
+    """Watches each step as Alembic runs it (job.trace): attached to the context, wraps each step."""
+
+    def attach(self, context: MigrationContext) -> None:
+        """Register with the migration context (after the recorder, so its hook runs last)."""
+
+    def wrap(self, shown: Step, step: MigrationStep) -> MigrationStep:
+        """Return the step to hand Alembic in place of this one."""
 
 
 @dataclass
@@ -56,6 +66,7 @@ class Execution:
     check_edits: bool = True  # the preflight refuses applied revisions edited since they ran
     history_exists: bool = False  # the preflight saw migrate_job_history (no need to create it)
     batch: Batch | None = None  # the running revision's statements not sent yet (job.batching)
+    observer: StepObserver | None = None  # watches each step (trace), which then is not logged as applied
 
     def __call__(self, heads: tuple[str, ...], context: MigrationContext) -> Iterator[MigrationStep]:
         """Alembic's ``fn``: compute the plan from the heads read under env.py's settings."""
@@ -70,6 +81,8 @@ class Execution:
             self.recorder.attach(context, create_table=not self.history_exists)
             assert context.connection is not None
             self.batch = batching.start(context.impl, context.connection, context.version_table)
+        if self.observer is not None and not context.as_sql:
+            self.observer.attach(context)
         return self._steps(plan)
 
     def plan_from(self, heads: tuple[str, ...]) -> Plan:
@@ -96,12 +109,12 @@ class Execution:
             if self.batch is not None:
                 # A revision that commits on its own (autocommit_block, job.ops) sends each statement.
                 self.batch.open = outside_transaction(self.service, shown.revision) is None
-            yield step
+            yield step if self.observer is None else self.observer.wrap(shown, step)
             if self.batch is not None:
                 self.batch.open = False
             self.running = None
             self.applied.append(shown)
-            if self.offline:
+            if self.offline or self.observer is not None:
                 continue
             verb = DONE[self.direction]
             logs.event(

@@ -39,7 +39,7 @@ HANDLED_BY_JOB: dict[str, str] = {
 }
 EXPAND_CONTRACT = (
     "expand and contract over two releases: a new column kept in step by a trigger, job.ops.backfill, "
-    "then drop the old one (README: Zero-downtime recipes)"
+    "then drop the old one (docs/authoring.md: Zero-downtime recipes)"
 )
 # Rules whose risky statement a job.ops helper does safely: the finding's help names the helper.
 HELPERS: dict[str, str] = {
@@ -209,14 +209,15 @@ def statements(sql: str) -> list[tuple[int, int, str]]:
     return out
 
 
-def exemptions(path: str | None) -> list[Exemption]:
-    """Return the lint-ignore comments of a revision file."""
+def exemptions(path: str | None, keyword: str = "lint-ignore") -> list[Exemption]:
+    """Return the exemption comments of a revision file: lint-ignore (lint's), trace-ignore (trace's)."""
     if path is None:
         return []
+    pattern = re.compile(EXEMPTION.pattern.replace("lint-ignore", re.escape(keyword)))
     found = []
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines, start=1):
-        match = EXEMPTION.search(line)
+        match = pattern.search(line)
         if match is None:
             continue
         rules_part, _, reason = match["rest"].partition("--")
@@ -224,7 +225,7 @@ def exemptions(path: str | None) -> list[Exemption]:
         # A long reason goes on in the comment lines right below it.
         for more in lines[number:]:
             text = more.strip()
-            if not text.startswith("#") or EXEMPTION.search(text) or not text.lstrip("# "):
+            if not text.startswith("#") or pattern.search(text) or not text.lstrip("# "):
                 break
             reason += " " + text.lstrip("# ")
         found.append(Exemption(rules, " ".join(reason.split()), number, line.strip()))

@@ -4,6 +4,8 @@
 - ``reports``: what reads and reports (plan, current, heads, history, history --applied)
 - ``render``: what renders SQL without running it (sql, lint)
 - ``guardrails``: what checks authors' work on scratch databases (verify, check)
+- ``tracing``: what runs revisions on a scratch database and reads what PostgreSQL did (trace,
+  and the tracing behind plan --impact)
 - ``authoring``: what helps authors (show; on a workstation: revision, merge, new-service)
 
 Every command takes the run context (``job.run.Run``) first; nothing below this package imports it.
@@ -16,6 +18,7 @@ from job.commands.changes import acknowledge, downgrade, reset, stamp, upgrade
 from job.commands.guardrails import check, verify
 from job.commands.render import lint, sql
 from job.commands.reports import applied_history, current, heads, history, plan
+from job.commands.tracing import trace
 from job.run import Run, discover_databases, prepare
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "show",
     "sql",
     "stamp",
+    "trace",
     "upgrade",
     "verify",
 ]

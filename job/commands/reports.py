@@ -6,19 +6,41 @@ from pathlib import Path
 from typing import Any
 
 from job import logs, recorder
-from job.errors import PendingMigrations
+from job.errors import ConfigError, PendingMigrations
 from job.inspection import inspect_all, with_history
 from job.plan import as_tuple
 from job.run import Run
 
 
-async def plan(run: Run, *, check: bool = False, to: str = "head", allow_ahead: bool = False) -> None:
-    """Show what upgrade would run on each database; with check, raise if anything is pending."""
+async def plan(
+    run: Run,
+    *,
+    check: bool = False,
+    to: str = "head",
+    allow_ahead: bool = False,
+    impact: bool = False,
+    scratch: str | None = None,
+) -> None:
+    """Show what upgrade would run on each database; with check, raise if anything is pending.
+
+    With impact, the pending revisions are traced on a scratch database (``scratch``, a URL
+    reference whose role may create databases) and each lock that blocks writes is weighed
+    against the table on each database (``db.impact``), read-only.
+    """
+    if impact != (scratch is not None):
+        raise ConfigError(
+            "plan --impact needs --scratch REF, and --scratch is only for --impact",
+            hint="migrate-job plan --impact --scratch env://SCRATCH_URL",
+        )
     inspected = await inspect_all(run, destination=to, allow_ahead=allow_ahead)
     for result, execution in inspected:
         if result.status != "ahead":
             assert execution.plan is not None
             result.finish(execution.target, "pending" if execution.plan.pending else "current")
+    if scratch is not None:
+        from job.commands.tracing import impact as weigh
+
+        await weigh(run, scratch, [e for r, e in inspected if r.status == "pending"], to=to)
     pending = [r for r in run.report.databases if r.status == "pending"]
     if check and pending:
         raise PendingMigrations(

@@ -24,7 +24,7 @@ def checkout(tmp_path: Path) -> Path:
     """A copy of the files image-check reads, to break one at a time."""
     for name in SHIPPED:
         shutil.copy2(REPO / name, tmp_path / name)
-    for folder in ("job", "services", "deploy"):
+    for folder in ("job", "services", "deploy", "devtools"):
         shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     return tmp_path
 
@@ -150,6 +150,27 @@ def test_the_release_config_runs_files_that_exist(checkout: Path) -> None:
     (checkout / "deploy/execute.sh").unlink()
     problems = image_check.build_problems(checkout / "deploy/cloudbuild-release.yaml", checkout)
     assert problems == ["step migrate: runs deploy/execute.sh, which does not exist"]
+
+
+def test_the_pull_request_build_runs_every_check_and_keeps_the_report(checkout: Path) -> None:
+    assert image_check.pr_build_problems(checkout) == []
+    assert image_check.build_problems(checkout / image_check.PR_BUILD, checkout) == []
+    review = '    ("trace", ["trace", "--scratch", "env://SCRATCH_URL", "--output", "{output}"]),\n'
+    edit(checkout / "devtools/review.py", review, "")
+    edit(checkout / image_check.PR_BUILD, "cat /workspace/review/exit_code", "cat /workspace/review/status")
+    assert image_check.pr_build_problems(checkout) == [
+        f"{image_check.PR_BUILD}: devtools.review does not run trace --scratch --output",
+        f"{image_check.PR_BUILD}: no step fails the build on the review's exit_code",
+    ]
+
+
+def test_a_build_step_that_runs_a_missing_module_is_reported(checkout: Path) -> None:
+    (checkout / "devtools/review.py").unlink()
+    problems = image_check.build_problems(checkout / image_check.PR_BUILD, checkout)
+    assert problems == ["step review: runs python -m devtools.review, which does not exist"]
+    assert f"{image_check.PR_BUILD}: devtools.review does not run lint" in image_check.pr_build_problems(
+        checkout
+    )
 
 
 def test_shipped_job_definitions_parse_as_yaml() -> None:
