@@ -23,7 +23,16 @@ from job.lockrules import LINT_RULES, RevisionTrace, analyse, judge
 from job.plan import Step
 from job.trace import Observed, Reading
 from tests.conftest import Database
-from tests.support import FIXTURES, PASSWORD, JobRun, record_output, run_job, start_job, write_manifest
+from tests.support import (
+    FIXTURES,
+    PASSWORD,
+    JobRun,
+    record_output,
+    run_job,
+    scratch_url,
+    start_job,
+    write_manifest,
+)
 
 LOCKS = FIXTURES / "trace"
 LEDGER = FIXTURES / "zero_downtime"
@@ -49,7 +58,7 @@ def scratch_env(
         **job_env,
         "MIGRATE_MANIFEST": str(manifest),
         "MIGRATE_SERVICES_DIR": str(services),
-        "SCRATCH_URL": pg.admin_dsn("postgres"),
+        "SCRATCH_URL": scratch_url(pg),
     }
 
 
@@ -329,7 +338,7 @@ def test_plan_impact_weighs_the_pending_locks_on_a_database_with_rows(
         **job_env,
         "MIGRATE_MANIFEST": str(manifest),
         "MIGRATE_SERVICES_DIR": str(LOCKS),
-        "SCRATCH_URL": pg.admin_dsn("postgres"),
+        "SCRATCH_URL": scratch_url(pg),
     }
     assert run_job("upgrade", "--to", "locks0002", env=env).code == 0
     pg.execute(
@@ -521,7 +530,7 @@ def test_the_docs_show_the_trace_of_the_shipped_services(
         **job_env,
         "MIGRATE_MANIFEST": str(manifest),
         "MIGRATE_SERVICES_DIR": str(SHIPPED),
-        "SCRATCH_URL": pg.admin_dsn("postgres"),
+        "SCRATCH_URL": scratch_url(pg),
     }
     run = run_job("trace", "--scratch", "env://SCRATCH_URL", "--output", str(tmp_path / "out"), env=env)
     assert run.code == 0, run.stdout
