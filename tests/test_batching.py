@@ -150,8 +150,9 @@ def test_a_failing_statement_in_a_batch_rolls_the_revision_back(
         apply(service, target_for(database, socket_root))
     assert "aaaa00000002" in caught.value.message and "no_such_column" in caught.value.message
     assert database.version() == ["aaaa00000001"] and "gadgets" not in database.tables()
-    rows = database.pg.fetch("SELECT revision FROM migrate_job_history", database=database.name)
-    assert [r["revision"] for r in rows] == ["aaaa00000001"]
+    rows = database.pg.fetch("SELECT revision, direction FROM migrate_job_history", database=database.name)
+    # Only the failed attempt's own row, written after the rollback, names the failed revision.
+    assert [(r["revision"], r["direction"]) for r in rows] == [("aaaa00000001", "up"), ("aaaa00000002", "failed")]
 
 
 def test_a_version_table_changed_under_the_migration_fails_it(
