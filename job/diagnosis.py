@@ -134,8 +134,9 @@ def _by_position(server: Any, parts: list[str]) -> tuple[int, int] | None:
         return None
     start = 0
     for index, part in enumerate(parts):
-        if start <= at < start + len(part):
-            return index, at - start + 1
+        # A position in the separator after a statement is its end ("at end of input" alone).
+        if start <= at < start + len(part) + len(JOINER):
+            return index, min(at - start, len(part)) + 1
         start += len(part) + len(JOINER)
     return None
 
