@@ -181,6 +181,7 @@ def report(exc: BaseException, revision_file: str | None, service_dir: Path, *, 
     """Return the fields, the extra sentence and the revision-only stack trace for a failure."""
     server = server_error(exc)
     culprit = _culprit(exc, server, revision_file)
+    service_dir = service_dir.resolve()  # frames name files absolutely; MIGRATE_SERVICES_DIR may not
     fields: dict[str, Any] = {}
     if culprit.statement is not None:
         fields["statement"] = _truncated(culprit.statement.strip())
@@ -270,15 +271,21 @@ def _truncated(statement: str) -> str:
 
 def _shown(file: str, service_dir: Path) -> str:
     """Return a revision file's path relative to its service's folder, where it is inside it."""
-    path = Path(file)
+    path = Path(os.path.abspath(file))
     return str(path.relative_to(service_dir)) if path.is_relative_to(service_dir) else file
+
+
+def _absolute(file: str) -> str:
+    """Return a frame's file name as an absolute path."""
+    return os.path.abspath(file)
 
 
 def _stack(exc: BaseException, origin: Origin | None, service_dir: Path, reason: str) -> str | None:
     """Return a stack trace of the revision's own frames only (None if none ran): not the job's."""
     env = os.path.join(str(service_dir), "migrations", "env.py")
+    inside = str(service_dir) + os.sep
     frames = [
-        f for f in _frames(exc) if f.filename.startswith(str(service_dir) + os.sep) and f.filename != env
+        f for f in _frames(exc) if _absolute(f.filename).startswith(inside) and _absolute(f.filename) != env
     ]
     if origin is not None and not any((f.filename, f.lineno) == (origin.file, origin.line) for f in frames):
         # A deferred statement failed later, when its batch was sent: show where it was issued.

@@ -206,7 +206,7 @@ class TextFormatter(logging.Formatter):
         fields: dict[str, Any] = dict(getattr(record, "json_fields", {}) or {})
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         line = f"{stamp} {record.levelname:<7} {fields.get('event', record.name):<18} {record.getMessage()}"
-        if "revision_file" in fields or "statement" in fields:
+        if "error" in fields and ("revision_file" in fields or "statement" in fields):
             return line + _failure_block(fields)
         extras = " ".join(f"{k}={_short(v)}" for k, v in fields.items() if k not in self.HIDDEN)
         if extras:
