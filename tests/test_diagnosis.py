@@ -180,3 +180,16 @@ def test_a_position_names_the_statement_it_falls_in() -> None:
     assert diagnosis._by_position(Server(query.index("a (id") + 1), parts) == (1, len("CREATE TABLE ") + 1)
     after = len(parts[0]) + 2  # on the separator's semicolon: the end of the statement before it
     assert diagnosis._by_position(Server(after), parts) == (0, len(parts[0]) + 1)
+
+
+def test_log_detail_false_keeps_a_data_errors_quoted_value_out() -> None:
+    """A data error's message quotes the value; without detail, only the error's name is shown."""
+    import asyncpg
+
+    fields = {"S": "ERROR", "C": "22P02", "M": 'invalid input syntax for type integer: "abc"', "D": "row abc"}
+    error = asyncpg.PostgresError.new(fields)
+    hidden = diagnosis.report(error, None, SERVICES, log_detail=False)
+    assert "abc" not in f"{hidden.reason} {hidden.sentence} {hidden.fields}"
+    assert hidden.reason.endswith("InvalidTextRepresentationError")
+    shown = diagnosis.report(error, None, SERVICES, log_detail=True)
+    assert '"abc"' in shown.reason and shown.fields == {"detail": "row abc"}
