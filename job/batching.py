@@ -13,7 +13,8 @@ on the connection directly (``op.get_bind()``, an inspector, SQLAlchemy's own qu
 savepoint or commit, and every statement of a revision that runs outside its transaction
 (``autocommit_block``, job.ops helpers): those send what is pending first, so the server sees
 statements in the order the revision issued them. A failure in the batch fails the revision as
-the statement alone would have (the transaction rolls back whole), with the server's message.
+the statement alone would have (the transaction rolls back whole), with the server's message;
+job.diagnosis then names the statement that failed and the revision line that issued it.
 """
 
 from __future__ import annotations
@@ -81,9 +82,11 @@ class Batch:
                 diagnosis.JOINER.join(statements), execution_options={MARK: True}
             )
         except DBAPIError as exc:
+            # Kept on the error even when unknown, so that the whole batch is never shown as "the statement".
+            culprit = diagnosis.Culprit(None)
             if not exc.connection_invalidated:
                 culprit = diagnosis.locate(exc, adapter, statements, origins, savepoint=savepoint)
-                setattr(exc, diagnosis.ATTR, culprit)
+            setattr(exc, diagnosis.ATTR, culprit)
             raise
         if version is not None and result.rowcount != 1:
             raise CommandError(

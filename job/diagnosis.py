@@ -201,16 +201,21 @@ def report(exc: BaseException, revision_file: str | None, service_dir: Path, *, 
         fields={k: v for k, v in fields.items() if v is not None},
         reason=reason,
         sentence=_sentence(fields, first),
-        stack_trace=_stack(exc, culprit.origin, service_dir, reason),
+        stack_trace=_stack(exc, culprit, service_dir, reason),
         statement_line=first[:200] if first else None,
     )
 
 
+def _batched(exc: BaseException) -> Culprit | None:
+    """Return what the job found out about a failed batch (None: the statement was sent alone)."""
+    return next((getattr(e, ATTR) for e in _chain(exc) if hasattr(e, ATTR)), None)
+
+
 def _culprit(exc: BaseException, server: Any, revision_file: str | None) -> Culprit:
     """Return the failing statement: the batch's culprit, else the statement the driver ran alone."""
-    for cause in _chain(exc):
-        if hasattr(cause, ATTR):
-            return getattr(cause, ATTR)  # type: ignore[no-any-return]
+    batched = _batched(exc)
+    if batched is not None:
+        return batched
     frames = _frames(exc)
     origin = next(
         (Origin(f.filename, f.lineno or 0, f.name) for f in reversed(frames) if f.filename == revision_file),
@@ -226,7 +231,7 @@ def _culprit(exc: BaseException, server: Any, revision_file: str | None) -> Culp
 
 
 def _frames(exc: BaseException) -> list[traceback.FrameSummary]:
-    """Return the frames of an exception's traceback, outermost first (source lines not read)."""
+    """Return the frames of an exception's traceback, outermost first."""
     return list(traceback.extract_tb(exc.__traceback__, limit=None))
 
 
@@ -280,16 +285,23 @@ def _absolute(file: str) -> str:
     return os.path.abspath(file)
 
 
-def _stack(exc: BaseException, origin: Origin | None, service_dir: Path, reason: str) -> str | None:
-    """Return a stack trace of the revision's own frames only (None if none ran): not the job's."""
+def _stack(exc: BaseException, culprit: Culprit, service_dir: Path, reason: str) -> str | None:
+    """Return a stack trace of the revision's own frames only (None if none ran): not the job's.
+
+    A statement of a batch failed when the batch was sent, wherever that was: its frame is the
+    line that issued it, or none when the job could not tell which statement failed.
+    """
     env = os.path.join(str(service_dir), "migrations", "env.py")
     inside = str(service_dir) + os.sep
-    frames = [
-        f for f in _frames(exc) if _absolute(f.filename).startswith(inside) and _absolute(f.filename) != env
-    ]
-    if origin is not None and not any((f.filename, f.lineno) == (origin.file, origin.line) for f in frames):
-        # A deferred statement failed later, when its batch was sent: show where it was issued.
-        frames.append(traceback.FrameSummary(origin.file, origin.line, origin.function))
+    if _batched(exc) is not None:
+        origin = culprit.origin
+        frames = [traceback.FrameSummary(origin.file, origin.line, origin.function)] if origin else []
+    else:
+        frames = [
+            f
+            for f in _frames(exc)
+            if _absolute(f.filename).startswith(inside) and _absolute(f.filename) != env
+        ]
     if not frames:
         return None
     module = type(exc).__module__

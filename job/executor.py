@@ -426,6 +426,6 @@ def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
         **{k: logs.scrub(v) if isinstance(v, str) else v for k, v in found.fields.items()},
         **({} if retryable else {"retryable": False}),
     )
-    error.stack_trace, error.statement_line = logs.scrub(found.stack_trace or ""), found.statement_line
-    error.statement_line = logs.scrub(error.statement_line) if error.statement_line else None
+    error.stack_trace = logs.scrub(found.stack_trace or "")  # "": no frame of the revision, none shown
+    error.statement_line = logs.scrub(found.statement_line) if found.statement_line else None
     return error
