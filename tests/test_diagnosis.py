@@ -164,6 +164,12 @@ def test_text_format_shows_a_short_block_and_log_detail_false_keeps_row_values_o
     assert "SQLSTATE 23505, constraint accounts_code_key" in block
     assert "Traceback" not in run.stdout and "Key (code)" not in run.stdout, run.stdout
     assert len(block.splitlines()) < 10, block
+    # Offline, a revision that reads fails where it reads: its file and line are named too.
+    offline = run_job("sql", "--from", "ffff00000006", "--to", "ffff00000007", env=env)
+    (error,) = offline.events("run.error")
+    file, _ = where("ffff00000007")
+    source = (SERVICES / "failures" / file).read_text(encoding="utf-8").splitlines()
+    assert error["revision_file"] == file and "op.get_bind()" in source[error["line"] - 1], error
 
 
 def test_a_position_names_the_statement_it_falls_in() -> None:

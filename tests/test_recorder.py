@@ -6,13 +6,21 @@ what the code says ran there; Flyway and Django stop on that, and so must the jo
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from job import db
+from job.errors import MigrationFailed
+from job.recorder import Identity, Recorder
+from job.services import Service
 from tests.conftest import Database
 from tests.support import FIXTURES, HEADS, PROJECT, SERVICES_DIR, run_job, write_manifest
+from tests.test_executor import target_for
 
 INITIAL = "c81a6c877761"
 
@@ -159,3 +167,23 @@ def test_downgrades_and_stamps_are_recorded_and_a_reverted_revision_may_change(
         (HEADS["settlement"], "up"),
         ("base", "stamp"),
     ]
+
+
+def test_recording_a_failed_attempt_on_a_lost_connection_only_warns(
+    make_database: Callable[..., Database], socket_root: Path | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The migration's own error is what the operator must get: writing its row may fail, quietly.
+    database = make_database("broken")
+    service = Service("broken", FIXTURES / "services" / "broken")
+
+    async def go() -> None:
+        engine, connection = await db.connect(
+            target_for(database, socket_root), timeout_s=5, application_name="t"
+        )
+        await connection.close()
+        error = MigrationFailed("boom", service="broken", database=database.name, sqlstate="42703")
+        await Recorder(service, Identity(), "up").record_failure(connection, "aaaa00000002", error)
+        await engine.dispose()
+
+    asyncio.run(go())
+    assert [r.json_fields["event"] for r in caplog.records] == ["history.not_recorded"]  # type: ignore[attr-defined]
