@@ -3,7 +3,8 @@
 One fixture service (tests/fixtures/failing/failures) holds a setup revision and one failing
 revision per case; database k is stamped just below case k, so that one run of the job (going
 on past failures) fails every case, each on its own database. The same databases then go
-through ``--jobs 2``, ``history --applied`` and the text format: five job processes in all.
+through ``--jobs 2``, ``history --applied``, the text format and offline ``sql``: six job
+processes in all, in one test so that they share the databases.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def check_failures(run: JobRun, databases: list[Database]) -> dict[str, dict[str
 def test_each_failing_revision_names_its_statement_line_and_server_fields(
     make_database: Callable[..., Database], job_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """Every case, sequential then --jobs 2; history --applied lists each failed attempt."""
+    """Every case, sequential then --jobs 2; history --applied lists each failed attempt; text format."""
     databases = [make_database("failures") for _ in CASES]
     env = environment(job_env, tmp_path, databases)
     setup = run_job("upgrade", "--to", SETUP, env=env)
@@ -147,14 +148,18 @@ def test_each_failing_revision_names_its_statement_line_and_server_fields(
         )
         assert "edited" not in failed[0]
 
+    check_text_format_without_detail(job_env, tmp_path, databases[0])
+    # Offline, a revision that reads fails where it reads: its file and line are named too.
+    offline = run_job("sql", "--from", "ffff00000006", "--to", "ffff00000007", env=env)
+    (error,) = offline.events("run.error")
+    file, _ = where("ffff00000007")
+    source = (SERVICES / "failures" / file).read_text(encoding="utf-8").splitlines()
+    assert error["revision_file"] == file and "op.get_bind()" in source[error["line"] - 1], error
 
-def test_text_format_shows_a_short_block_and_log_detail_false_keeps_row_values_out(
-    make_database: Callable[..., Database], job_env: dict[str, str], tmp_path: Path
-) -> None:
+
+def check_text_format_without_detail(job_env: dict[str, str], tmp_path: Path, database: Database) -> None:
     """On a terminal: statement, line and server fields in a few lines, no traceback, no row value."""
-    database = make_database("failures")
     env = environment(job_env, tmp_path, [database], log_detail=False)
-    assert run_job("upgrade", "--to", SETUP, env=env).code == 0
     run = run_job(env={**env, "MIGRATE_LOG_FORMAT": "text"})
     assert run.code == 7
     block = run.stdout[run.stdout.index("run.error") :]
@@ -164,12 +169,6 @@ def test_text_format_shows_a_short_block_and_log_detail_false_keeps_row_values_o
     assert "SQLSTATE 23505, constraint accounts_code_key" in block
     assert "Traceback" not in run.stdout and "Key (code)" not in run.stdout, run.stdout
     assert len(block.splitlines()) < 10, block
-    # Offline, a revision that reads fails where it reads: its file and line are named too.
-    offline = run_job("sql", "--from", "ffff00000006", "--to", "ffff00000007", env=env)
-    (error,) = offline.events("run.error")
-    file, _ = where("ffff00000007")
-    source = (SERVICES / "failures" / file).read_text(encoding="utf-8").splitlines()
-    assert error["revision_file"] == file and "op.get_bind()" in source[error["line"] - 1], error
 
 
 def test_a_position_names_the_statement_it_falls_in() -> None:
