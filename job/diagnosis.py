@@ -201,7 +201,7 @@ def report(exc: BaseException, revision_file: str | None, service_dir: Path, *, 
         fields={k: v for k, v in fields.items() if v is not None},
         reason=reason,
         sentence=_sentence(fields, first),
-        stack_trace=_stack(exc, culprit, service_dir, reason),
+        stack_trace=_stack(exc, culprit, service_dir, reason, env_too=revision_file is None),
         statement_line=first[:200] if first else None,
     )
 
@@ -285,13 +285,16 @@ def _absolute(file: str) -> str:
     return os.path.abspath(file)
 
 
-def _stack(exc: BaseException, culprit: Culprit, service_dir: Path, reason: str) -> str | None:
+def _stack(
+    exc: BaseException, culprit: Culprit, service_dir: Path, reason: str, *, env_too: bool
+) -> str | None:
     """Return a stack trace of the revision's own frames only (None if none ran): not the job's.
 
     A statement of a batch failed when the batch was sent, wherever that was: its frame is the
-    line that issued it, or none when the job could not tell which statement failed.
+    line that issued it, or none when the job could not tell which statement failed. env_too
+    keeps env.py's frames (a failure before any revision ran).
     """
-    env = os.path.join(str(service_dir), "migrations", "env.py")
+    env = "" if env_too else os.path.join(str(service_dir), "migrations", "env.py")
     inside = str(service_dir) + os.sep
     if _batched(exc) is not None:
         origin = culprit.origin

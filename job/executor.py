@@ -386,12 +386,14 @@ def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
     from job.db import sqlstate
 
     if step is None:
-        return MigrationFailed(
+        failed = MigrationFailed(
             f"env.py of service {target.service} failed on database {target.database}: {reason}",
             hint=f"fix services/{target.service}/migrations/env.py; the database is unchanged",
             service=target.service,
             database=target.database,
         )
+        failed.stack_trace = logs.scrub(found.stack_trace or "")  # the service's frames, env.py's
+        return failed
     # What stays after the failure, and what to do, by how the revision treats its transaction.
     outcomes = {
         # The helpers commit their steps as they go and check the catalog before each: running the
