@@ -280,6 +280,18 @@ def _shown(file: str, service_dir: Path) -> str:
     return str(path.relative_to(service_dir)) if path.is_relative_to(service_dir) else file
 
 
+# The job's own modules; job.ops runs as part of the revisions that call it.
+JOB_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+OPS_DIR = os.path.join(JOB_DIR, "ops") + os.sep
+
+
+def _raised_by_the_job(exc: BaseException) -> bool:
+    """Return whether the exception came from the job's own code, not from the server or a revision."""
+    frames = _frames(exc)
+    last = _absolute(frames[-1].filename) if frames else ""
+    return server_error(exc) is None and last.startswith(JOB_DIR) and not last.startswith(OPS_DIR)
+
+
 def _absolute(file: str) -> str:
     """Return a frame's file name as an absolute path."""
     return os.path.abspath(file)
@@ -288,12 +300,14 @@ def _absolute(file: str) -> str:
 def _stack(
     exc: BaseException, culprit: Culprit, service_dir: Path, reason: str, *, env_too: bool
 ) -> str | None:
-    """Return a stack trace of the revision's own frames only (None if none ran): not the job's.
+    """Return a stack trace of the revision's own frames only ("" if none ran; None: a bug of the job's).
 
     A statement of a batch failed when the batch was sent, wherever that was: its frame is the
     line that issued it, or none when the job could not tell which statement failed. env_too
     keeps env.py's frames (a failure before any revision ran).
     """
+    if _raised_by_the_job(exc):
+        return None  # a bug of the job's own, not the revision's: its whole trace is shown
     env = "" if env_too else os.path.join(str(service_dir), "migrations", "env.py")
     inside = str(service_dir) + os.sep
     if _batched(exc) is not None:
@@ -306,7 +320,7 @@ def _stack(
             if _absolute(f.filename).startswith(inside) and _absolute(f.filename) != env
         ]
     if not frames:
-        return None
+        return ""  # none of the revision's frames ran: no stack trace is shown
     module = type(exc).__module__
     name = type(exc).__qualname__ if module == "builtins" else f"{module}.{type(exc).__qualname__}"
     text = "".join(traceback.StackSummary.from_list(frames).format())

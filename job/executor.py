@@ -392,7 +392,7 @@ def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
             service=target.service,
             database=target.database,
         )
-        failed.stack_trace = logs.scrub(found.stack_trace or "")  # the service's frames, env.py's
+        failed.stack_trace = _trace(found.stack_trace)
         return failed
     # What stays after the failure, and what to do, by how the revision treats its transaction.
     outcomes = {
@@ -428,6 +428,11 @@ def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
         **{k: logs.scrub(v) if isinstance(v, str) else v for k, v in found.fields.items()},
         **({} if retryable else {"retryable": False}),
     )
-    error.stack_trace = logs.scrub(found.stack_trace or "")  # "": no frame of the revision, none shown
+    error.stack_trace = _trace(found.stack_trace)
     error.statement_line = logs.scrub(found.statement_line) if found.statement_line else None
     return error
+
+
+def _trace(stack_trace: str | None) -> str | None:
+    """Return the revision's stack trace for the error line, scrubbed (None: the job's whole trace)."""
+    return logs.scrub(stack_trace) if stack_trace is not None else None

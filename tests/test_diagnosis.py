@@ -198,3 +198,15 @@ def test_log_detail_false_keeps_a_data_errors_quoted_value_out() -> None:
     assert hidden.reason.endswith("InvalidTextRepresentationError")
     shown = diagnosis.report(error, None, SERVICES, log_detail=True)
     assert '"abc"' in shown.reason and shown.fields == {"detail": "row abc"}
+
+
+def test_a_bug_of_the_job_keeps_its_whole_stack_trace() -> None:
+    """An exception the job's own code raised is not the revision's: no trimmed trace replaces it."""
+    from job import cli
+
+    try:
+        cli._positive("x")
+    except Exception as exc:
+        assert diagnosis.report(exc, None, SERVICES / "failures", log_detail=True).stack_trace is None
+    else:
+        raise AssertionError("_positive accepted x")
