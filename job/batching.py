@@ -13,7 +13,8 @@ on the connection directly (``op.get_bind()``, an inspector, SQLAlchemy's own qu
 savepoint or commit, and every statement of a revision that runs outside its transaction
 (``autocommit_block``, job.ops helpers): those send what is pending first, so the server sees
 statements in the order the revision issued them. A failure in the batch fails the revision as
-the statement alone would have (the transaction rolls back whole), with the server's message.
+the statement alone would have (the transaction rolls back whole), with the server's message;
+job.diagnosis then names the statement that failed and the revision line that issued it.
 
 ``trace`` keeps the batch and sets its ``probe``: after each statement it defers, the batch then
 holds a query that notes what the server did so far (job.trace), sent in the same round trip.
@@ -32,8 +33,11 @@ from alembic.ddl.postgresql import PostgresqlImpl
 from alembic.util import CommandError
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.schema import Table
+
+from job import diagnosis
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -51,9 +55,11 @@ class Batch:
     """What a revision has sent so far that has not reached the server yet."""
 
     statements: list[str] = field(default_factory=list)
+    origins: list[diagnosis.Origin | None] = field(default_factory=list)  # the revision's line of each
     version: str | None = None  # the version table's move, sent last so its row count is checked
     open: bool = False  # only while a revision runs inside its own transaction
     probe: Callable[[str], str] | None = None  # job.trace: the statement to send after each deferred one
+    file: str | None = None  # the running revision's file, as its code objects name it
 
     def pending(self) -> bool:
         """Return whether anything waits to be sent."""
@@ -62,13 +68,31 @@ class Batch:
     def flush(self, connection: Connection, trailing: Sequence[str] = ()) -> None:
         """Send what waits, then trailing statements (the history row), version move last."""
         statements = [*self.statements, *trailing]
-        version, self.statements, self.version = self.version, [], None
+        origins = [*self.origins, *(None for _ in trailing)]
+        version, self.statements, self.origins, self.version = self.version, [], [], None
         if version is not None:
             statements.append(version)
+            origins.append(None)
         if not statements:
             return
-        # The newline ends a trailing -- comment, which would otherwise swallow the semicolon.
-        result = connection.exec_driver_sql("\n;\n".join(statements), execution_options={MARK: True})
+        adapter: Any = connection.connection.dbapi_connection
+        # A batch that opens its transaction can be sent again from a new one if it fails; any
+        # other starts with a savepoint to go back to (job.diagnosis).
+        savepoint = getattr(adapter, "_transaction", None) is not None
+        if savepoint:
+            statements.insert(0, f"SAVEPOINT {diagnosis.SAVEPOINT}")
+            origins.insert(0, None)
+        try:
+            result = connection.exec_driver_sql(
+                diagnosis.JOINER.join(statements), execution_options={MARK: True}
+            )
+        except DBAPIError as exc:
+            # Kept on the error even when unknown, so that the whole batch is never shown as "the statement".
+            culprit = diagnosis.Culprit(None)
+            if not exc.connection_invalidated:
+                culprit = diagnosis.locate(exc, adapter, statements, origins, savepoint=savepoint)
+            setattr(exc, diagnosis.ATTR, culprit)
+            raise
         if version is not None and result.rowcount != 1:
             raise CommandError(
                 f"the version table did not move by one row ({result.rowcount} matched {version!r}): "
@@ -104,8 +128,11 @@ class BatchingImpl(PostgresqlImpl):
             if sql is not None:
                 if isinstance(construct, TextClause) or not _moves_version(self, construct):
                     batch.statements.append(sql)
+                    batch.origins.append(diagnosis.caller(batch.file))
                     if batch.probe is not None:
+                        # The probe is the job's, not the revision's: no line of the revision issued it.
                         batch.statements.append(batch.probe(sql))
+                        batch.origins.append(None)
                     return None
                 if batch.version is not None:
                     # A merge moves two rows (a delete, an update): each count is checked, so one goes now.
@@ -214,7 +241,7 @@ def _drop_pending(connection: Connection) -> None:
     """Forget what waits on the connection: its transaction is rolling back."""
     batch = batch_of(connection)
     if batch is not None:
-        batch.statements, batch.version = [], None
+        batch.statements, batch.origins, batch.version = [], [], None
 
 
 def _do_execute(cursor: DBAPICursor, statement: str, parameters: Any, context: ExecutionContext) -> bool:

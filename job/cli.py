@@ -431,13 +431,16 @@ def _log_error(exc: BaseException, code: int) -> None:
         message = f"unexpected error (a bug in migrate-job): {type(exc).__name__}: {exc}"
         fields = {"error": "bug", "hint": "report it with this line's stack_trace"}
     level = logging.WARNING if code == 10 else logging.ERROR
+    # A failed revision shows its own frames (or none), not the job's: it is not a bug in the job.
+    own = getattr(exc, "stack_trace", None)
     logs.event(
         "run.error",
         logs.scrub(message),
         level=level,
-        exc=exc if code in TRACED else None,
+        exc=exc if code in TRACED and own is None else None,
         exit_code=code,
         **fields,
+        stack_trace=own or None,
     )
 
 

@@ -76,6 +76,10 @@ class MigrationFailed(MigrateJobError):
     """A migration raised; its transaction rolled back."""
 
     kind = "migration_failed"
+    # The revision's own frames (job.diagnosis), shown instead of the job's; "" shows none.
+    stack_trace: str | None = None
+    # The failing statement's first line, for the history row of the failed attempt.
+    statement_line: str | None = None
 
 
 class RoundTripFailed(MigrationFailed):

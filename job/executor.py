@@ -109,6 +109,7 @@ class Execution:
             if self.batch is not None:
                 # A revision that commits on its own (autocommit_block, job.ops) sends each statement.
                 self.batch.open = outside_transaction(self.service, shown.revision) is None
+                self.batch.file = revision_code_file(self.service, shown.revision)
             yield step if self.observer is None else self.observer.wrap(shown, step)
             if self.batch is not None:
                 self.batch.open = False
@@ -159,7 +160,10 @@ async def execute(connection: AsyncConnection, execution: Execution) -> Executio
         raise
     except Exception as exc:
         await connection.rollback()
-        raise _failure(execution, exc) from exc
+        error = _failure(execution, exc)
+        if execution.recorder is not None and execution.running is not None:
+            await execution.recorder.record_failure(connection, execution.running.revision, error)
+        raise error from exc
     if execution.apply:
         await connection.commit()
     else:
@@ -369,21 +373,38 @@ def render_sql(execution: Execution, start: tuple[str, ...]) -> str:
     return buffer.getvalue()
 
 
+def revision_code_file(service: Service, revision: str) -> str | None:
+    """Return the file name the revision's code objects carry (what a frame walk compares), if loaded."""
+    try:
+        script = service.script.get_revision(revision)
+        return str(script.module.upgrade.__code__.co_filename) if script is not None else None
+    except Exception:
+        return None  # not a plain revision module: lines are then not named
+
+
 def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
     """Return the operator-facing error for an exception raised while env.py ran."""
-    target = execution.target
-    reason = logs.scrub(_reason(exc))
-    stays = execution.revision_now or "base"
-    from job.db import sqlstate
+    from job import diagnosis
 
-    if execution.running is None:
-        return MigrationFailed(
+    target = execution.target
+    step = execution.running
+    found = diagnosis.report(
+        exc,
+        revision_code_file(execution.service, step.revision) if step is not None else None,
+        execution.service.path,
+        log_detail=target.entry.log_detail,
+    )
+    reason = logs.scrub(found.reason)
+    stays = execution.revision_now or "base"
+    if step is None:
+        failed = MigrationFailed(
             f"env.py of service {target.service} failed on database {target.database}: {reason}",
             hint=f"fix services/{target.service}/migrations/env.py; the database is unchanged",
             service=target.service,
             database=target.database,
         )
-    step = execution.running
+        failed.stack_trace = _trace(found.stack_trace)
+        return failed
     # What stays after the failure, and what to do, by how the revision treats its transaction.
     outcomes = {
         # The helpers commit their steps as they go and check the catalog before each: running the
@@ -405,26 +426,24 @@ def _failure(execution: Execution, exc: BaseException) -> MigrationFailed:
         None: ("its transaction rolled back", "fix the migration in a new image and run again", True),
     }
     stayed, todo, retryable = outcomes[outside_transaction(execution.service, step.revision)]
-    return MigrationFailed(
+    sentence = f". {logs.scrub(found.sentence[0].upper() + found.sentence[1:])}" if found.sentence else ""
+    error = MigrationFailed(
         f"migration {step.revision} ({step.message}) failed on database {target.database} of "
-        f"service {target.service}: {reason}; {stayed}",
+        f"service {target.service}: {reason}; {stayed}{sentence}",
         hint=f"the database stays at {stays}; {todo}",
         service=target.service,
         database=target.database,
         revision=step.revision,
         at_revision=stays,
-        sqlstate=sqlstate(exc),
+        sqlstate=db.sqlstate(exc),
+        **{k: logs.scrub(v) if isinstance(v, str) else v for k, v in found.fields.items()},
         **({} if retryable else {"retryable": False}),
     )
+    error.stack_trace = _trace(found.stack_trace)
+    error.statement_line = logs.scrub(found.statement_line) if found.statement_line else None
+    return error
 
 
-def _reason(exc: BaseException) -> str:
-    """Return the first line of the driver's message, without SQLAlchemy's SQL echo."""
-    orig: Any = getattr(exc, "orig", None)
-    source = orig if orig is not None else exc
-    text = str(source).strip().splitlines()
-    first = text[0] if text else type(source).__name__
-    # asyncpg errors arrive as "<class 'asyncpg.exceptions.X'>: message" through SQLAlchemy.
-    if first.startswith("<class '") and ">: " in first:
-        first = first.split(">: ", 1)[1]
-    return f"{type(exc).__name__}: {first}"
+def _trace(stack_trace: str | None) -> str | None:
+    """Return the revision's stack trace for the error line, scrubbed (None: the job's whole trace)."""
+    return logs.scrub(stack_trace) if stack_trace is not None else None

@@ -68,10 +68,8 @@ class Failures:
                 "db.failed",
                 f'{entry.label} failed ({error.message}); on_failure = "continue": the others go on',
                 level=logging.ERROR,
-                error=error.kind,
-                hint=error.hint,
-                service=entry.service,
-                database=entry.database,
+                **{**error.fields(), "service": entry.service, "database": entry.database},
+                stack_trace=getattr(error, "stack_trace", None) or None,
             )
             return True
         if entry.on_failure == "continue":

@@ -206,6 +206,8 @@ class TextFormatter(logging.Formatter):
         fields: dict[str, Any] = dict(getattr(record, "json_fields", {}) or {})
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         line = f"{stamp} {record.levelname:<7} {fields.get('event', record.name):<18} {record.getMessage()}"
+        if "error" in fields and ("revision_file" in fields or "statement" in fields):
+            return line + _failure_block(fields)
         extras = " ".join(f"{k}={_short(v)}" for k, v in fields.items() if k not in self.HIDDEN)
         if extras:
             line += f"  [{extras}]"
@@ -221,6 +223,31 @@ class TextFormatter(logging.Formatter):
         if fields.get("stack_trace"):
             line += "\n" + str(fields["stack_trace"]).rstrip()
         return line
+
+
+# A failed revision's fields, shown as a block of their own in the text format.
+FAILURE_FIELDS = ("statement", "revision_file", "line", "sqlstate", "position", "detail", "server_hint")
+SERVER_OBJECTS = ("constraint", "schema", "table", "column")
+
+
+def _failure_block(fields: dict[str, Any]) -> str:
+    """Return the short block under a failed revision's line: statement, where, what the server said."""
+    rows = []
+    statement = str(fields.get("statement", "")).strip().splitlines()
+    if statement:
+        rows.append(("statement", statement[0] + (" ..." if len(statement) > 1 else "")))
+    if "revision_file" in fields:
+        rows.append(("at", f"{fields['revision_file']} line {fields.get('line', '?')}"))
+    server = [f"SQLSTATE {fields['sqlstate']}"] if fields.get("sqlstate") else []
+    server += [f"{k} {fields[k]}" for k in (*SERVER_OBJECTS, "position") if fields.get(k) is not None]
+    if server:
+        rows.append(("server", ", ".join(server)))
+    rows += [(k, fields[k]) for k in ("detail", "server_hint", "hint") if fields.get(k)]
+    hidden = {*TextFormatter.HIDDEN, *FAILURE_FIELDS, *SERVER_OBJECTS, "hint"}
+    extras = " ".join(f"{k}={_short(v)}" for k, v in fields.items() if k not in hidden)
+    if extras:
+        rows.append(("", extras))
+    return "".join(f"\n    {name:<10} {value}" for name, value in rows)
 
 
 def _short(value: Any) -> str:

@@ -70,6 +70,9 @@ class DatabaseEntry(BaseModel):
     allow_downgrade: bool | None = None
     # reset (drop and recreate) of this entry's databases; None follows the manifest's top-level key.
     allow_reset: bool | None = None
+    # false: a failed migration's log lines leave out the server's DETAIL (it can quote a row's
+    # values), and a data error's message (which can quote a value) shows only the error's name.
+    log_detail: bool = True
     # Which [[databases]] block of the file the entry came from: a ``databases = [...]`` list
     # expands to several entries that share their canary and max_failures.
     _block: int | None = PrivateAttr(default=None)

@@ -1,10 +1,14 @@
-"""The job's own records: ``migrate_job_history``, one row per applied, reverted or stamped revision.
+"""The job's own records: ``migrate_job_history``, one row per applied, reverted, stamped or failed revision.
 
 This module is the only one that writes the table. Each row is written by Alembic's
 ``on_version_apply`` hook, inside the revision's own transaction, right after the version table
 moved: the record and the migration commit together or not at all. A row keeps the revision
 file's checksum, so a later run can tell that an applied revision was edited afterwards (its
 file no longer matches what ran), and who applied it: execution, task, image, job version.
+
+A revision that fails gets a row too (direction ``failed``, with its SQLSTATE and the failing
+statement's first line), written after its rollback in a transaction of its own; a failed row
+never counts as applied. Tables made before failed rows existed gain their columns then.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from job.errors import HistoryError
 
 if TYPE_CHECKING:
     from alembic.runtime.migration import MigrationContext, MigrationInfo
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
+    from job.errors import MigrationFailed
     from job.services import Service
 
 TABLE = "migrate_job_history"
@@ -37,6 +43,11 @@ COLUMNS = (
 )
 # Recorded as applied (or its edit acknowledged): the checksum to compare with the file.
 COUNTS = ("up", "acknowledge")
+DIRECTIONS = ("up", "down", "stamp", "acknowledge", "failed")
+# Only failed rows fill these; tables made before them get them when a revision first fails.
+FAILURE_COLUMNS = ("sqlstate", "statement")
+# How long writing a failed attempt's row may take (the connection may be gone).
+FAILURE_WRITE_S = 10.0
 
 Fetch = Callable[..., Awaitable[Sequence[Any]]]
 
@@ -54,7 +65,7 @@ def create_sql(schema: str | None) -> str:
     id bigserial PRIMARY KEY,
     service text NOT NULL,
     revision text NOT NULL,
-    direction text NOT NULL CHECK (direction IN ('up', 'down', 'stamp', 'acknowledge')),
+    direction text NOT NULL CHECK (direction IN ({_directions()})),
     checksum text,
     recorded_at timestamptz NOT NULL DEFAULT now(),
     recorded_by text NOT NULL DEFAULT session_user,
@@ -62,17 +73,34 @@ def create_sql(schema: str | None) -> str:
     task_index integer,
     image text,
     image_revision text,
-    job_version text
+    job_version text,
+    sqlstate text,
+    statement text
 )"""
 
 
-def insert_sql(schema: str | None, placeholders: Sequence[str]) -> str:
-    """Return the INSERT of one history row, with the given placeholder for each of COLUMNS.
+def _directions() -> str:
+    """Return the directions a row may have, as an SQL list."""
+    return ", ".join(f"'{d}'" for d in DIRECTIONS)
+
+
+def upgrade_sql(schema: str | None) -> str:
+    """Return the ALTER TABLE that lets a table made before failed rows existed take them."""
+    return (
+        f"ALTER TABLE {table_name(schema)} ADD COLUMN IF NOT EXISTS sqlstate text, "
+        "ADD COLUMN IF NOT EXISTS statement text, "
+        f"DROP CONSTRAINT IF EXISTS {TABLE}_direction_check, "
+        f"ADD CONSTRAINT {TABLE}_direction_check CHECK (direction IN ({_directions()}))"
+    )
+
+
+def insert_sql(schema: str | None, placeholders: Sequence[str], columns: Sequence[str] = COLUMNS) -> str:
+    """Return the INSERT of one history row, with the given placeholder for each of columns.
 
     recorded_by is the login (session_user), not the owner role a manifest entry may SET ROLE to.
     """
-    columns, values = ", ".join(COLUMNS), ", ".join(placeholders)
-    return f"INSERT INTO {table_name(schema)} ({columns}, recorded_by) VALUES ({values}, session_user)"
+    names, values = ", ".join(columns), ", ".join(placeholders)
+    return f"INSERT INTO {table_name(schema)} ({names}, recorded_by) VALUES ({values}, session_user)"
 
 
 def literal_insert(schema: str | None, values: dict[str, Any]) -> str:
@@ -139,6 +167,59 @@ class Recorder:
         self.direction = direction
         # A statement that fails unless the migration lock is still held (job.lock.guard_sql).
         self.guard: str | None = None
+        self.schema: str | None = None
+
+    async def record_failure(
+        self, connection: AsyncConnection, revision: str, error: MigrationFailed
+    ) -> None:
+        """Record a failed attempt (after its rollback) in its own transaction; on any trouble, only warn.
+
+        Never raises: the migration's own error is what the operator must get, even when the
+        connection is gone.
+        """
+        import asyncio
+        import contextlib
+        import logging
+
+        from job import logs
+
+        try:
+            await asyncio.wait_for(self._write_failure(connection, revision, error), FAILURE_WRITE_S)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.rollback(), FAILURE_WRITE_S)
+            logs.event(
+                "history.not_recorded",
+                f"could not record the failed attempt of {revision} in {TABLE} ({type(exc).__name__})",
+                level=logging.WARNING,
+                revision=revision,
+                service=self.service.name,
+                database=error.database,
+            )
+
+    async def _write_failure(
+        self, connection: AsyncConnection, revision: str, error: MigrationFailed
+    ) -> None:
+        """Insert the failed row (creating or widening the table first if need be), then commit."""
+        from sqlalchemy import text
+
+        schema, table = self.schema, table_name(self.schema)
+        await connection.execute(text(create_sql(schema)))
+        found = await connection.execute(
+            text("SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(:t) AND attname = :c"),
+            {"t": table, "c": FAILURE_COLUMNS[0]},
+        )
+        if not found.scalar():
+            await connection.execute(text(upgrade_sql(schema)))
+        digest = file_checksum(self.service, revision)
+        values = {
+            **row(self.service.name, revision, "failed", digest, self.identity),
+            "sqlstate": error.context.get("sqlstate"),
+            "statement": error.statement_line,
+        }
+        columns = [*COLUMNS, *FAILURE_COLUMNS]
+        await connection.execute(text(insert_sql(schema, [":" + c for c in columns], columns)), values)
+        await connection.commit()
 
     def attach(self, context: MigrationContext, *, create_table: bool = False) -> None:
         """Register with the migration context (its on_version_apply hook).
@@ -147,6 +228,7 @@ class Recorder:
         own transaction: no separate round trip, and no table without the row it was made for.
         """
         missing = [create_table]
+        self.schema = context.version_table_schema
 
         def on_version_apply(*, ctx: MigrationContext, step: MigrationInfo, **_: Any) -> None:
             """Record the step; create the table first if it may be missing."""
@@ -219,7 +301,7 @@ async def latest(fetch: Fetch, service: str, schema: str | None) -> dict[str, Re
     """Return each revision's latest history row for a service (the table must exist)."""
     rows = await fetch(
         f"SELECT DISTINCT ON (revision) revision, direction, checksum, recorded_at, execution "
-        f"FROM {table_name(schema)} WHERE service = $1 ORDER BY revision, id DESC",
+        f"FROM {table_name(schema)} WHERE service = $1 AND direction <> 'failed' ORDER BY revision, id DESC",
         service,
     )
     return {r[0]: Record(r[0], r[1], r[2], r[3], r[4]) for r in rows}
@@ -295,9 +377,11 @@ async def acknowledge(
 
 async def rows(fetch: Fetch, service: str, schema: str | None) -> list[dict[str, Any]]:
     """Return a service's whole history in a database, oldest first (the audit trail)."""
+    # A table made before failed rows existed lacks their columns: read them through to_jsonb.
     found = await fetch(
         f"SELECT id, revision, direction, checksum, recorded_at, recorded_by, execution, task_index, image, "
-        f"image_revision, job_version FROM {table_name(schema)} WHERE service = $1 ORDER BY id",
+        f"image_revision, job_version, to_jsonb(h) ->> 'sqlstate', to_jsonb(h) ->> 'statement' "
+        f"FROM {table_name(schema)} h WHERE service = $1 ORDER BY id",
         service,
     )
     keys = [
@@ -312,5 +396,6 @@ async def rows(fetch: Fetch, service: str, schema: str | None) -> list[dict[str,
         "image",
         "image_revision",
         "job_version",
+        *FAILURE_COLUMNS,
     ]
     return [dict(zip(keys, r, strict=True)) for r in found]

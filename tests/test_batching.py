@@ -114,16 +114,21 @@ def test_a_revision_its_history_row_and_its_version_move_are_one_query(
     make_database: Callable[..., Database], socket_root: Path | None, tmp_path: Path, sent: list[str]
 ) -> None:
     """The DDL, op.execute, the history row and the version move of a revision travel together."""
-    service = write_service(tmp_path, {"create_items": REVISIONS["create_items"]})
+    plain = '\n    op.add_column("items", sa.Column("z", sa.Text))\n'
+    service = write_service(tmp_path, {"create_items": REVISIONS["create_items"], "plain": plain})
     database = entry_database(make_database)
     apply(service, target_for(database, socket_root))
     (batch,) = [s for s in sent if "CREATE TABLE items" in s]
+    (second,) = [s for s in sent if "ADD COLUMN z" in s]
     for part in ("CREATE INDEX ix_items_name", "INSERT INTO items", "migrate_job_history"):
         assert part in batch, part
     # The history table comes with the first revision, and the version move is last (its count is checked).
     history = 'INSERT INTO "public"."migrate_job_history"'
     assert batch.index("CREATE TABLE IF NOT EXISTS") < batch.index(history)
     assert batch.rstrip().splitlines()[-1].startswith("INSERT INTO alembic_version")
+    # A batch that opens its revision's transaction needs no savepoint for a failure to go back
+    # to; the first revision's follows the version table's creation, so it begins with one.
+    assert batch.startswith("SAVEPOINT") and not second.startswith("SAVEPOINT")
     rows = database.pg.fetch("SELECT name FROM items ORDER BY id", database=database.name)
     assert [r["name"] for r in rows] == ["a", "100% sure: yes"]
 
@@ -150,8 +155,10 @@ def test_a_failing_statement_in_a_batch_rolls_the_revision_back(
         apply(service, target_for(database, socket_root))
     assert "aaaa00000002" in caught.value.message and "no_such_column" in caught.value.message
     assert database.version() == ["aaaa00000001"] and "gadgets" not in database.tables()
-    rows = database.pg.fetch("SELECT revision FROM migrate_job_history", database=database.name)
-    assert [r["revision"] for r in rows] == ["aaaa00000001"]
+    rows = database.pg.fetch("SELECT revision, direction FROM migrate_job_history", database=database.name)
+    # Only the failed attempt's own row, written after the rollback, names the failed revision.
+    expected = [("aaaa00000001", "up"), ("aaaa00000002", "failed")]
+    assert [(r["revision"], r["direction"]) for r in rows] == expected
 
 
 def test_a_version_table_changed_under_the_migration_fails_it(

@@ -6,13 +6,21 @@ what the code says ran there; Flyway and Django stop on that, and so must the jo
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from job import db
+from job.errors import MigrationFailed
+from job.recorder import Identity, Recorder
+from job.services import Service
 from tests.conftest import Database
 from tests.support import FIXTURES, HEADS, PROJECT, SERVICES_DIR, run_job, write_manifest
+from tests.test_executor import target_for
 
 INITIAL = "c81a6c877761"
 
@@ -69,14 +77,42 @@ def test_each_applied_revision_is_recorded_with_its_checksum_and_execution(
     assert fresh.tables() == set()
 
 
-def test_a_failed_revision_leaves_no_record(
+# migrate_job_history as the job created it before failed attempts were recorded.
+OLD_TABLE = """CREATE TABLE migrate_job_history (
+    id bigserial PRIMARY KEY, service text NOT NULL, revision text NOT NULL,
+    direction text NOT NULL CHECK (direction IN ('up', 'down', 'stamp', 'acknowledge')),
+    checksum text, recorded_at timestamptz NOT NULL DEFAULT now(),
+    recorded_by text NOT NULL DEFAULT session_user, execution text, task_index integer,
+    image text, image_revision text, job_version text)"""
+
+
+def test_a_failed_revision_leaves_only_its_failed_row_which_never_counts_as_applied(
     make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
 ) -> None:
-    # The row is written in the revision's own transaction: it commits or rolls back with it.
+    # The revision's own row rolls back with it; the failed attempt's row is written after, on
+    # its own, into a table made before failed rows existed (it gains their columns).
     database = make_database("broken")
+    database.pg.execute(f'SET ROLE "{database.role}"; {OLD_TABLE}', database=database.name)
     env = env_for(job_env, tmp_path, [database], MIGRATE_SERVICES_DIR=str(FIXTURES / "services"))
     assert run_job(env=env).code == 7
-    assert [(r["revision"], r["direction"]) for r in history(database)] == [("aaaa00000001", "up")]
+    assert [(r["revision"], r["direction"]) for r in history(database)] == [
+        ("aaaa00000001", "up"),
+        ("aaaa00000002", "failed"),
+    ]
+    (failed,) = database.pg.fetch(
+        "SELECT sqlstate, statement FROM migrate_job_history WHERE direction = 'failed'",
+        database=database.name,
+    )
+    assert dict(failed) == {"sqlstate": "42703", "statement": "UPDATE widgets SET no_such_column = 1"}
+    # Applied since by other means, the revision's only row is the failed one, whose checksum the
+    # file no longer has: it is no record of what ran, so nothing counts as edited.
+    database.pg.execute(
+        "UPDATE migrate_job_history SET checksum = 'other' WHERE direction = 'failed'; "
+        "UPDATE alembic_version SET version_num = 'aaaa00000002'",
+        database=database.name,
+    )
+    plan = run_job("plan", env=env)
+    assert plan.code == 0, plan.stdout[-2000:]
 
 
 def test_an_edited_applied_revision_stops_the_next_run_until_acknowledged(
@@ -131,3 +167,23 @@ def test_downgrades_and_stamps_are_recorded_and_a_reverted_revision_may_change(
         (HEADS["settlement"], "up"),
         ("base", "stamp"),
     ]
+
+
+def test_recording_a_failed_attempt_on_a_lost_connection_only_warns(
+    make_database: Callable[..., Database], socket_root: Path | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The migration's own error is what the operator must get: writing its row may fail, quietly.
+    database = make_database("broken")
+    service = Service("broken", FIXTURES / "services" / "broken")
+
+    async def go() -> None:
+        engine, connection = await db.connect(
+            target_for(database, socket_root), timeout_s=5, application_name="t"
+        )
+        await connection.close()
+        error = MigrationFailed("boom", service="broken", database=database.name, sqlstate="42703")
+        await Recorder(service, Identity(), "up").record_failure(connection, "aaaa00000002", error)
+        await engine.dispose()
+
+    asyncio.run(go())
+    assert [r.json_fields["event"] for r in caplog.records] == ["history.not_recorded"]  # type: ignore[attr-defined]

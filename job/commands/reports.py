@@ -11,6 +11,9 @@ from job.inspection import inspect_all, with_history
 from job.plan import as_tuple
 from job.run import Run
 
+# History rows whose checksum is not what the file should still have: a revert, a failed attempt.
+NOT_COMPARED = ("down", "failed")
+
 
 async def plan(
     run: Run,
@@ -123,13 +126,24 @@ async def applied_history(run: Run) -> None:
         for row in found or []:
             now = recorder.file_checksum(service, row["revision"])
             at = row["recorded_at"]
+            counts = row["direction"] in recorder.COUNTS
+            same = now == row["checksum"] or row["direction"] in NOT_COMPARED
             logs.event(
                 "db.history",
                 f"{execution.target.entry.label}: {row['direction']} {row['revision']} at "
                 f"{at.isoformat(timespec='seconds')} by {row['execution'] or row['recorded_by']}"
-                + ("" if now == row["checksum"] or row["direction"] == "down" else " (file edited since)"),
+                + ("" if same else " (file edited since)")
+                + _how_it_failed(row),
                 **{**row, "recorded_at": at.isoformat()},
-                edited=now != row["checksum"] if row["direction"] in recorder.COUNTS else None,
+                edited=now != row["checksum"] if counts else None,
                 **execution.target.fields(),
             )
         result.status = "current" if result.status != "ahead" else "ahead"
+
+
+def _how_it_failed(row: dict[str, Any]) -> str:
+    """Return how a failed attempt failed, for its history line (nothing for other rows)."""
+    if row["direction"] != "failed":
+        return ""
+    state = f"SQLSTATE {row['sqlstate']}" if row.get("sqlstate") else "no SQLSTATE"
+    return f" ({state}" + (f", at: {row['statement']})" if row.get("statement") else ")")
