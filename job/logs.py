@@ -288,6 +288,9 @@ def setup(fmt: str, *, labels: Mapping[str, str] | None = None, stream: TextIO |
     root.setLevel(logging.WARNING)
     _logger.setLevel(logging.INFO)
     logging.getLogger(OPS_LOGGER_NAME).setLevel(logging.INFO)
+    # Installed afresh: logging keeps the hook it replaced and will not install itself again, so a
+    # caller that restored warnings.showwarning since (warnings.catch_warnings) would lose the capture.
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     global _setup
     _setup = (fmt, dict(labels or {}))
