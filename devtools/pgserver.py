@@ -51,6 +51,15 @@ class PgServer:
     # Runs `pg_ctl stop` or `pg_ctl start` on a local server's data directory (kind "local" only).
     _pg_ctl: Callable[[PgCtlAction], None] | None = field(default=None, repr=False, compare=False)
 
+    def scratch_url(self, database: str = "postgres") -> str:
+        """Return the superuser's URL as a scratch reference: it says sslmode=disable.
+
+        A URL to a TCP host requires TLS unless it says otherwise (docs/guards.md); the servers
+        started here (tests, the demo, the review build) run on this machine without TLS.
+        """
+        dsn = self.admin_dsn(database)
+        return dsn + ("&" if "?" in dsn else "?") + "sslmode=disable"
+
     def admin_dsn(self, database: str = "postgres") -> str:
         """Return a libpq/asyncpg URL for the superuser, with every component percent-quoted."""
         userinfo = quote(self.superuser, safe="")

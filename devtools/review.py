@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     server = acquire_server()
     try:
-        code = run_checks(args.output.resolve(), server.admin_dsn("postgres"), args.services.resolve())
+        code = run_checks(args.output.resolve(), server.scratch_url(), args.services.resolve())
     finally:
         if server.kind != "env":
             server.stop()

@@ -56,13 +56,8 @@ def spellings(secret: str) -> set[str]:
 
 
 def scratch_url(pg: Any, database: str = "postgres") -> str:
-    """Return a scratch URL for the test server: its admin URL, saying that it has no TLS.
-
-    A URL to a TCP host requires TLS unless it says sslmode=disable (docs/guards.md); the test
-    servers run without TLS on this machine.
-    """
-    dsn = str(pg.admin_dsn(database))
-    return dsn + ("&" if "?" in dsn else "?") + "sslmode=disable"
+    """Return a scratch URL for the test server, saying that it has no TLS (PgServer.scratch_url)."""
+    return str(pg.scratch_url(database))
 
 
 def toml_value(value: Any) -> str:

@@ -14,14 +14,14 @@ def test_every_check_runs_and_the_first_failure_is_the_outcome(pg: PgServer, tmp
     services = tmp_path / "services"
     shutil.copytree(SERVICES_DIR / "risk-engine", services / "risk-engine")
     assert 'service = "risk-engine"' in review.manifest(services)
-    clean = review.run_checks(tmp_path / "clean", pg.admin_dsn("postgres"), services)
+    clean = review.run_checks(tmp_path / "clean", pg.scratch_url(), services)
     assert clean == 0
     assert (tmp_path / "clean" / "exit_code").read_text() == "0\n"
     assert "### `9da4646821fb` create escrows" in (tmp_path / "clean" / "trace.md").read_text()
     # A service whose revisions rewrite and scan under locks: trace fails (9), and so may lint;
     # every check still ran, and trace.md is there for the pull request.
     shutil.copytree(FIXTURES / "trace" / "locks", services / "locks")
-    failed = review.run_checks(tmp_path / "failed", pg.admin_dsn("postgres"), services)
+    failed = review.run_checks(tmp_path / "failed", pg.scratch_url(), services)
     logs = {name: (tmp_path / "failed" / f"{name}.log").read_text() for name, _ in review.CHECKS}
     record_output("".join(logs.values()))
     assert failed != 0 and (tmp_path / "failed" / "exit_code").read_text() == f"{failed}\n"
