@@ -94,14 +94,27 @@ async def lint(run: Run, *, start: str | None = None, to: str = "head", fail_on:
                 exempted=sum(1 for f in chunk.findings if f.exempted is not None),
             )
     if failed:
-        revisions = list(dict.fromkeys(f"{f.service} {f.revision}" for f in failed))
-        raise LintFindings(
-            f"{len(failed)} lint finding(s) at or above {fail_on} in " + ", ".join(revisions),
+        raise findings_error(
+            LintFindings,
+            "lint",
+            failed,
+            fail_on,
             hint="make each statement safe as its lint.finding help says, or, where the rule does not "
             "apply, add to the revision file: # migrate-job: lint-ignore RULE -- reason",
-            service=failed[0].service if len({f.service for f in failed}) == 1 else None,
-            revision=failed[0].revision if len(revisions) == 1 else None,
         )
+
+
+def findings_error(
+    kind: type[LintFindings], tool: str, failed: list[Any], fail_on: str, hint: str
+) -> LintFindings:
+    """Return the exit-9 error of lint or trace: how many findings, in which revisions."""
+    revisions = list(dict.fromkeys(f"{f.service} {f.revision}" for f in failed))
+    return kind(
+        f"{len(failed)} {tool} finding(s) at or above {fail_on} in " + ", ".join(revisions),
+        hint=hint,
+        service=failed[0].service if len({f.service for f in failed}) == 1 else None,
+        revision=failed[0].revision if len(revisions) == 1 else None,
+    )
 
 
 def _log_findings(chunk: RevisionSQL) -> None:

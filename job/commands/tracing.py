@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from job import lockmodes, lockrules, logs
+from job.commands.render import findings_error
 from job.errors import TraceFindings
 from job.executor import Execution, execute, offline_target
 from job.plan import resolve_revision
@@ -57,13 +58,13 @@ async def trace(
         written = tracereport.write(output, traced)
         logs.event("trace.report", f"trace report written to {', '.join(map(str, written))}", paths=written)
     if failed:
-        revisions = list(dict.fromkeys(f"{f.service} {f.revision}" for f in failed))
-        raise TraceFindings(
-            f"{len(failed)} trace finding(s) at or above {fail_on} in " + ", ".join(revisions),
+        raise findings_error(
+            TraceFindings,
+            "trace",
+            failed,
+            fail_on,
             hint="change each revision as its trace.finding says, or, where a table stays small everywhere, "
             "add to the revision file: # migrate-job: trace-ignore RULE -- reason",
-            service=failed[0].service if len({f.service for f in failed}) == 1 else None,
-            revision=failed[0].revision if len(revisions) == 1 else None,
         )
 
 
