@@ -1,7 +1,8 @@
 """Which database failures stop the run, and which it goes on after (``on_failure = "continue"``).
 
 By default the first failure stops the run. An entry with ``on_failure = "continue"`` (tenants)
-lets its failing databases fail alone, up to its ``max_failures``. Only a database's own failure
+lets its failing databases fail alone: ``max_failures = N`` tolerates N of them, and the N+1th
+stops the run (what "max" means). Only a database's own failure
 can be tolerated: a connection refused, an unknown revision, a lock held too long, a migration
 that failed. A configuration error, an unreadable secret, a signal or a bug stops the run.
 """
@@ -59,7 +60,7 @@ class Failures:
         key = entry.block if entry.block is not None else id(entry)
         count = self.counts[key] = self.counts.get(key, 0) + 1
         goes_on = entry.on_failure == "continue" and (
-            entry.max_failures is None or count < entry.max_failures
+            entry.max_failures is None or count <= entry.max_failures
         )
         position = self.positions.get(id(entry), len(self.positions))
         self.failed.append(Failure(position, entry, error, goes_on))
@@ -83,7 +84,7 @@ class Failures:
         """Say on the error that the entry's max_failures stopped the run."""
         error.context["max_failures"] = entry.max_failures
         self.limit = (
-            f"{count} database(s) of service {entry.service} failed, its max_failures = "
+            f"{count} database(s) of service {entry.service} failed, more than its max_failures = "
             f"{entry.max_failures}: the run stopped, the databases not yet migrated are skipped"
         )
 

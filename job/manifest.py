@@ -50,8 +50,8 @@ class DatabaseEntry(BaseModel):
     lock_retry_s: float = Field(default=120.0, ge=0)
     # Migrate the entry's first N databases with work alone; the rest only if they all succeed.
     canary: int | None = Field(default=None, ge=1)
-    # "continue": a failing database of the entry does not stop the others (tenants), at most
-    # max_failures of them before the run stops anyway.
+    # "continue": a failing database of the entry does not stop the others (tenants); max_failures
+    # of them are tolerated, and the next one stops the run anyway.
     on_failure: Literal["stop", "continue"] = "stop"
     max_failures: int | None = Field(default=None, ge=1)
     # Downgrades and reset of this entry's databases; None follows the manifest's top-level key.
