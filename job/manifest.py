@@ -27,6 +27,9 @@ class DatabaseEntry(BaseModel):
     database: str | None = Field(default=None, pattern=NAME_PATTERN)
     discover: str | None = Field(default=None, min_length=1)
     discover_database: str = Field(default="postgres", pattern=NAME_PATTERN)
+    # Where the tasks of one Cloud Run execution meet (job.coordination): a database on the
+    # entry's server where its login may create a table. A discover entry's default: discover_database.
+    coordination_database: str | None = Field(default=None, pattern=NAME_PATTERN)
     instance: str | None = Field(default=None, pattern=INSTANCE_PATTERN)
     host: str | None = None
     port: int = Field(default=5432, ge=1, le=65535)
@@ -106,6 +109,13 @@ class DatabaseEntry(BaseModel):
     def block(self) -> int | None:
         """Return the index of the manifest block the entry came from (None: built in code)."""
         return self._block
+
+    @property
+    def coordination(self) -> str | None:
+        """Return the coordination database: the key, else a discover entry's discover_database."""
+        if self.coordination_database is not None:
+            return self.coordination_database
+        return self.discover_database if self.discover is not None else None
 
     @property
     def label(self) -> str:

@@ -140,7 +140,7 @@ def test_cloud_run_tasks_each_migrate_their_share(
     run = run_job(env={**env, "CLOUD_RUN_TASK_COUNT": "2", "CLOUD_RUN_TASK_INDEX": "1"})
     assert run.code == 0, run.stdout[-3000:]
     assert [d["database"] for d in run.summary["databases"]] == [group[1].name, group[3].name]
-    assert run.summary["shard"] == {"task_index": 1, "task_count": 2, "databases": 2, "of": 5}
+    assert run.summary["shard"] == {"task_index": 1, "task_count": 2, "databases": 2, "of": 5, "attempt": 0}
     assert [d.version() for d in group] == [[], [HEADS["compliance"]], [], [HEADS["compliance"]], []]
     rest = run_job(env={**env, "CLOUD_RUN_TASK_COUNT": "2", "CLOUD_RUN_TASK_INDEX": "0"})
     assert rest.code == 0
