@@ -10,9 +10,10 @@ code), ``db:<service>:<server>/<database>`` (each database's result, and its ent
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from job.errors import ConfigError
@@ -114,6 +115,9 @@ class Ledger:
     task_index: int
     attempt: int
     task_count: int
+    # One statement at a time on the connection (the preflight's databases fail side by side).
+    guard: asyncio.Lock = field(default_factory=asyncio.Lock)
+    tasks: list[dict[str, Any]] | None = None
 
     async def start(self) -> None:
         """Create the table if needed, forget old executions, and say this task runs."""
@@ -146,7 +150,7 @@ class Ledger:
 
     async def record(self, results: Sequence[tuple[DatabaseResult, DatabaseEntry]]) -> None:
         """Write each database's result (its row, with its entry's budget key)."""
-        async with self.connection.transaction():
+        async with self.guard, self.connection.transaction():
             for result, entry in results:
                 await self._put(item(entry), result.status, budget_key(entry), result.as_dict())
 
@@ -155,7 +159,7 @@ class Ledger:
 
         Under a lock per execution, so that every failure gets its own count.
         """
-        async with self.connection.transaction():
+        async with self.guard, self.connection.transaction():
             await self._lock(BUDGET)
             await self._put(item(entry), "failed", budget_key(entry), detail)
             return int(await self.connection.fetchval(*self._spent_query(entry)))
@@ -170,17 +174,19 @@ class Ledger:
 
     async def spent(self, entry: DatabaseEntry) -> int:
         """Return how many databases of the entry's budget failed in this execution so far."""
-        return int(await self.connection.fetchval(*self._spent_query(entry)))
+        async with self.guard:
+            return int(await self.connection.fetchval(*self._spent_query(entry)))
 
     async def failure(self, entry: DatabaseEntry, nth: int) -> dict[str, Any]:
         """Return the row of the entry's nth failure (1-based, in the order they were counted)."""
-        row = await self.connection.fetchrow(
-            f"SELECT task_index, detail FROM {TABLE} WHERE execution = $1 AND budget = $2 "
-            "AND status = 'failed' ORDER BY updated_at OFFSET $3 LIMIT 1",
-            self.execution,
-            budget_key(entry),
-            nth - 1,
-        )
+        async with self.guard:
+            row = await self.connection.fetchrow(
+                f"SELECT task_index, detail FROM {TABLE} WHERE execution = $1 AND budget = $2 "
+                "AND status = 'failed' ORDER BY updated_at OFFSET $3 LIMIT 1",
+                self.execution,
+                budget_key(entry),
+                nth - 1,
+            )
         return {} if row is None else {**json.loads(row["detail"] or "{}"), "task_index": row["task_index"]}
 
     async def finish(self, exit_code: int) -> list[dict[str, Any]] | None:
@@ -204,8 +210,6 @@ class Ledger:
             for r in tasks
         ]
         return [json.loads(r["detail"]) for r in rows]
-
-    tasks: list[dict[str, Any]] | None = None
 
     async def close(self) -> None:
         """Close the ledger's connection."""

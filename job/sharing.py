@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     # Where the command takes the databases: destination, direction, allow_ahead.
     Destination = tuple[str, Direction, bool]
 
+# How long a task may take to record its end (the coordination server may be unreachable by now).
+FINISH_S = 30.0
 RESULT_FIELDS = {f.name for f in dataclasses.fields(DatabaseResult)}
 
 
@@ -141,7 +143,7 @@ def _failed_elsewhere(claim: CanaryClaim) -> MigrateJobError:
 def _finish(run: Run, exit_code: int) -> None:
     """Record this task's results and end; log the execution.summary if it is the last task to end."""
     try:
-        asyncio.run(_record_and_finish(run, exit_code))
+        asyncio.run(asyncio.wait_for(_record_and_finish(run, exit_code), FINISH_S))
     except Exception as exc:  # the task's own summary must still come
         logs.event(
             "execution.unrecorded",

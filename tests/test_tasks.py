@@ -261,3 +261,26 @@ def test_a_killed_task_retried_resumes_and_applies_nothing_twice(
     (summary,) = summaries(runs)
     assert summary["total"] == 4 and summary["counts"] == {"applied": 4}, summary
     assert sorted((t["task_index"], t["attempt"]) for t in summary["tasks"]["attempts"]) == [(0, 0), (1, 1)]
+
+
+# ---- connections ----------------------------------------------------------------------------
+
+
+def test_too_many_connections_slows_the_tasks_down_and_fails_no_tenant(
+    fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    group = fleet("tenant", 9)
+    tenants = group[:-1]
+    # The server refuses the login's connections past 5 (SQLSTATE 53300, as max_connections
+    # does): 3 tasks hold one each to coordinate, and ask for 2 more each with --jobs 2.
+    group[0].pg.execute(f'ALTER ROLE "{group[0].role}" CONNECTION LIMIT 5')
+    path = manifest(tmp_path, group, on_failure="continue", max_failures=1)
+    execution = new_execution()
+    envs = [task_env(job_env, path, FLEET_SERVICES, execution, i, 3) for i in range(3)]
+    runs = run_tasks(envs, "--jobs", "2")
+    assert [r.code for r in runs] == [0, 0, 0], [r.stdout[-2000:] for r in runs]
+    assert all(d.version() == [TENANT_HEAD] for d in tenants)
+    retries = [e for r in runs for e in r.events("db.connect_retry")]
+    assert any("too many" in e["reason"] for e in retries), retries[:3]
+    (summary,) = summaries(runs)
+    assert summary["counts"] == {"applied": 9}, summary
