@@ -19,7 +19,7 @@ JOB = migrate-job-$(ENV)
 
 help:
 	@echo "make install   create .venv from uv.lock (runtime + dev tools)"
-	@echo "make demo      migrate three throwaway databases the way Cloud Run would, then clean up"
+	@echo "make demo      migrate three throwaway databases the way Cloud Run would, then a fleet as 3 tasks; clean up"
 	@echo "make test      lint, then the whole test suite against a real PostgreSQL"
 	@echo "make lint      ruff check, ruff format --check, mypy"
 	@echo "make format    ruff format and ruff check --fix"

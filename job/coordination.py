@@ -309,5 +309,17 @@ async def open_ledger(run: Run, *, start: bool = True) -> Ledger | None:
         connection, cloud_run.execution, cloud_run.task_index, cloud_run.task_attempt, cloud_run.task_count
     )
     if start:
-        await ledger.start()
+        try:
+            await ledger.start()
+        except Exception as exc:
+            await ledger.close()
+            where = meeting_point(run)
+            assert where is not None
+            raise ConfigError(
+                f"cannot keep {TABLE} in coordination_database {where.name} on {where.location}: "
+                f"{type(exc).__name__}: {exc}",
+                hint=f"let {where.user or 'the login'} create a table there (GRANT CREATE ON SCHEMA "
+                "public), or name another coordination_database in the manifest",
+                service=where.service,
+            ) from None
     return ledger
