@@ -230,7 +230,7 @@ async def with_retries(target: Target, timeout_s: float, opener: Callable[[], Aw
     started = loop.time()
     backoff = wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.3)
     # Full jitter: tasks refused together must not all come back at the same moment.
-    busy = wait_random_exponential(multiplier=0.2, max=5.0)
+    busy = wait_random_exponential(multiplier=0.2, max=2.0)
 
     def left(state: Any) -> tuple[bool, float]:
         waiting = sqlstate(state.outcome.exception() if state.outcome else None) == BUSY

@@ -82,12 +82,17 @@ class Failures:
         if spent <= entry.max_failures:
             return True
         self.stopped = True
-        self.foreign = self.foreign or _stopped_by(await self.ledger.failure(entry, entry.max_failures + 1))
         self.limit = self.limit or (
             f"{spent} database(s) of service {entry.service} failed in this execution's tasks, more than "
             f"its max_failures = {entry.max_failures}: this task stopped, its databases not yet "
             "migrated are skipped"
         )
+        if self.foreign is None:
+            self.foreign = _stopped_by(await self.ledger.failure(entry, entry.max_failures + 1))
+            self.foreign.hint = (
+                f"{self.limit}; each failed database's error is in its task's run.summary and in the "
+                "execution.summary: fix them and run again"
+            )
         return False
 
     def record(self, entry: DatabaseEntry, error: BaseException, *, count: int | None = None) -> bool:

@@ -6,6 +6,7 @@ attempt); they meet only in migrate_job_executions of the coordination database.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import signal
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from devtools.pgserver import PgServer
@@ -93,15 +95,31 @@ def run_tasks(envs: list[dict[str, str]], *args: str, timeout: float = 120) -> l
     return runs
 
 
+def histories(databases: list[Database]) -> dict[str, list[dict[str, Any]]]:
+    """Return each database's migrate_job_history rows (none if never migrated), read side by side."""
+
+    async def one(database: Database) -> list[dict[str, Any]]:
+        connection = await asyncpg.connect(database.pg.admin_dsn(database.name))
+        try:
+            rows = await connection.fetch(
+                "SELECT revision, recorded_at, execution, task_index FROM migrate_job_history "
+                "WHERE direction = 'up'"
+            )
+        except asyncpg.UndefinedTableError:
+            return []
+        finally:
+            await connection.close()
+        return [dict(r) for r in rows]
+
+    async def every() -> list[list[dict[str, Any]]]:
+        return await asyncio.gather(*(one(d) for d in databases))
+
+    return {d.name: rows for d, rows in zip(databases, asyncio.run(every()), strict=True)}
+
+
 def history(database: Database) -> list[dict[str, Any]]:
-    """Return the database's migrate_job_history rows (none if it was never migrated)."""
-    if "migrate_job_history" not in database.tables():
-        return []
-    rows = database.pg.fetch(
-        "SELECT revision, recorded_at, execution, task_index FROM migrate_job_history WHERE direction = 'up'",
-        database=database.name,
-    )
-    return [dict(r) for r in rows]
+    """Return one database's migrate_job_history rows."""
+    return histories([database])[database.name]
 
 
 def summaries(runs: list[JobRun]) -> list[dict[str, Any]]:
@@ -128,7 +146,7 @@ def test_four_tasks_at_once_run_the_canary_once_before_any_other_tenant(
     execution = new_execution()
     runs = run_tasks([task_env(job_env, path, FLEET_SERVICES, execution, i, 4) for i in range(4)])
     assert [r.code for r in runs] == [0, 0, 0, 0], [r.stdout[-2000:] for r in runs]
-    rows = {d.name: history(d) for d in tenants}
+    rows = histories(tenants)
     assert all(len(r) == 1 and r[0]["revision"] == TENANT_HEAD for r in rows.values()), rows
     # The server's own clock: the canaries' commits come before any other tenant's migration began.
     canary_done = max(rows[d.name][0]["recorded_at"] for d in tenants[:3])
@@ -157,7 +175,7 @@ def test_one_task_at_a_time_last_first_still_runs_the_canary_first(
     (ran,) = [e for e in runs[3].events("run.canary") if "canary_task" not in e]
     assert ran["canary"] == [f"tenant/{d.name}" for d in tenants[:3]]
     assert all(e["canary_task"] == 3 for i in (2, 1, 0) for e in runs[i].events("run.canary"))
-    rows = {d.name: history(d) for d in tenants}
+    rows = histories(tenants)
     assert all(len(r) == 1 for r in rows.values()), rows
     canary_done = max(rows[d.name][0]["recorded_at"] for d in tenants[:3])
     assert all(rows[d.name][0]["recorded_at"] > canary_done for d in tenants[3:])
@@ -182,7 +200,7 @@ def test_a_broken_canary_stops_every_task_and_touches_no_other_tenant(
         assert error["message"].startswith("the canary failed:"), error
         assert error["database"] == tenants[1].name
     # Only the canary ran (its other two tenants: on_failure = "continue"); nothing else was touched.
-    assert [bool(history(d)) for d in tenants] == [True, False, True] + [False] * 5
+    assert [bool(rows) for rows in histories(tenants).values()] == [True, False, True] + [False] * 5
     (summary,) = summaries(runs)
     assert summary["status"] == "failed" and summary["counts"]["failed"] == 1
     assert [d["database"] for d in summary["databases"]] == [tenants[1].name]
@@ -199,7 +217,7 @@ def test_several_tasks_need_a_coordination_database_for_a_canary(
     assert run.code == 2, run.stdout[-3000:]
     (error,) = run.events("run.error")
     assert "coordination_database" in error["hint"] and "CLOUD_RUN_TASK_COUNT = 2" in error["message"]
-    assert all(history(d) == [] for d in group)
+    assert all(rows == [] for rows in histories(group).values())
     # One task needs no coordination: the same manifest runs as before.
     (alone,) = run_tasks([task_env(job_env, path, FLEET_SERVICES, new_execution(), 0, 1)])
     assert alone.code == 0, alone.stdout[-3000:]
@@ -229,6 +247,26 @@ def test_max_failures_is_one_budget_for_every_task(
     assert summary["total"] == 16 and summary["counts"]["failed"] == len(failed)
 
 
+def test_a_task_finding_the_budget_spent_skips_its_share_and_names_the_failure(
+    fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    group = fleet("tenant", 6)
+    tenants = group[:-1]
+    for database in tenants[0:6:2]:  # task 0's whole share
+        database.pg.execute("CREATE TABLE tenant_settings (id int)", database=database.name)
+    path = manifest(tmp_path, group, on_failure="continue", max_failures=2)
+    execution = new_execution()
+    (first,) = run_tasks([task_env(job_env, path, FLEET_SERVICES, execution, 0, 2)])
+    assert first.code == 7 and first.summary["counts"] == {"failed": 3}, first.stdout[-3000:]
+    (second,) = run_tasks([task_env(job_env, path, FLEET_SERVICES, execution, 1, 2)])
+    assert second.code == 7, second.stdout[-3000:]
+    assert second.summary["counts"] == {"skipped": 3}
+    (error,) = second.events("run.error")
+    assert f"{tenants[4].name} failed in task 0" in error["message"], error
+    assert error["database"] == tenants[4].name and "max_failures = 2" in error["hint"]
+    assert all(rows == [] for rows in histories(tenants[1:6:2]).values())
+
+
 # ---- retries resume -------------------------------------------------------------------------
 
 
@@ -255,8 +293,8 @@ def test_a_killed_task_retried_resumes_and_applies_nothing_twice(
     )
     assert [r.code for r in runs] == [0, 0], [r.stdout[-2000:] for r in runs]
     assert runs[0].summary["shard"]["attempt"] == 1
-    for database in tenants:
-        revisions = [r["revision"] for r in history(database)]
+    for database, rows in zip(tenants, histories(tenants).values(), strict=True):
+        revisions = [r["revision"] for r in rows]
         assert sorted(revisions) == ["5eee00000001", "5eee00000002"], (database.name, revisions)
     (summary,) = summaries(runs)
     assert summary["total"] == 4 and summary["counts"] == {"applied": 4}, summary
@@ -269,18 +307,18 @@ def test_a_killed_task_retried_resumes_and_applies_nothing_twice(
 def test_too_many_connections_slows_the_tasks_down_and_fails_no_tenant(
     fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
 ) -> None:
-    group = fleet("tenant", 9)
+    group = fleet("tenant", 6)
     tenants = group[:-1]
-    # The server refuses the login's connections past 5 (SQLSTATE 53300, as max_connections
-    # does): 3 tasks hold one each to coordinate, and ask for 2 more each with --jobs 2.
-    group[0].pg.execute(f'ALTER ROLE "{group[0].role}" CONNECTION LIMIT 5')
+    # The server refuses the login's connections past 3 (SQLSTATE 53300, as max_connections
+    # does): 2 tasks hold one each to coordinate, and ask for 2 more each with --jobs 2.
+    group[0].pg.execute(f'ALTER ROLE "{group[0].role}" CONNECTION LIMIT 3')
     path = manifest(tmp_path, group, on_failure="continue", max_failures=1)
     execution = new_execution()
-    envs = [task_env(job_env, path, FLEET_SERVICES, execution, i, 3) for i in range(3)]
+    envs = [task_env(job_env, path, FLEET_SERVICES, execution, i, 2) for i in range(2)]
     runs = run_tasks(envs, "--jobs", "2")
-    assert [r.code for r in runs] == [0, 0, 0], [r.stdout[-2000:] for r in runs]
-    assert all(d.version() == [TENANT_HEAD] for d in tenants)
+    assert [r.code for r in runs] == [0, 0], [r.stdout[-2000:] for r in runs]
+    assert all(len(rows) == 1 for rows in histories(tenants).values())
     retries = [e for r in runs for e in r.events("db.connect_retry")]
     assert any("too many" in e["reason"] for e in retries), retries[:3]
     (summary,) = summaries(runs)
-    assert summary["counts"] == {"applied": 9}, summary
+    assert summary["counts"] == {"applied": 6}, summary
