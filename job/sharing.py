@@ -36,7 +36,19 @@ RESULT_FIELDS = {f.name for f in dataclasses.fields(DatabaseResult)}
 async def begin(run: Run, canary: int | None) -> Ledger | None:
     """Refuse shared settings no task can share; return the execution's ledger (None: one task, or none)."""
     coordination.refuse_without(run, canary)
-    ledger = await coordination.open_ledger(run)
+    try:
+        ledger = await coordination.open_ledger(run)
+    except MigrateJobError as exc:
+        if coordination.coordinated(run.selected, canary):
+            raise
+        # Only the execution.summary needed it: the tasks go on as they would without one.
+        logs.event(
+            "execution.uncoordinated",
+            f"{exc.message}; the tasks go on without an execution.summary",
+            level=logging.WARNING,
+            hint=exc.hint,
+        )
+        return None
     if ledger is not None:
         run.report.closing = lambda code: _finish(run, code)
     return ledger
