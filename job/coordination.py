@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -255,7 +255,7 @@ class CanaryClaim:
         await close_raw(self.connection)
 
 
-async def claim_canary(run: Run, ledger: Ledger) -> CanaryClaim:
+async def claim_canary(run: Run, ledger: Ledger, on_wait: Callable[[], None]) -> CanaryClaim:
     """Return the execution's canary: decided by another task, or locked for this task to run.
 
     A task waits only while another holds the canary's row, that is while it runs the canary; a
@@ -270,11 +270,14 @@ async def claim_canary(run: Run, ledger: Ledger) -> CanaryClaim:
         )
         transaction = connection.transaction()
         await transaction.start()
-        row = await connection.fetchrow(
+        query = (
             f"SELECT status, detail, task_index FROM {TABLE} WHERE execution = $1 AND item = 'canary' "
-            "FOR UPDATE",
-            ledger.execution,
+            "FOR UPDATE"
         )
+        row = await connection.fetchrow(query + " SKIP LOCKED", ledger.execution)
+        if row is None:  # another task holds it: it is running the canary
+            on_wait()
+            row = await connection.fetchrow(query, ledger.execution)
     except BaseException:
         from job.run import close_raw
 

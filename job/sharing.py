@@ -63,7 +63,7 @@ async def shared_canary(run: Run, ledger: Ledger, canary: int | None, how: Desti
     """Make sure the execution's canary passed (run here if no task did); return whether one gates."""
     if not needs_canary(run, canary):
         return False
-    claim = await coordination.claim_canary(run, ledger)
+    claim = await coordination.claim_canary(run, ledger, on_wait=_log_waiting)
     if claim.outcome == "passed":
         logs.event(
             "run.canary",
@@ -77,6 +77,15 @@ async def shared_canary(run: Run, ledger: Ledger, canary: int | None, how: Desti
         raise _failed_elsewhere(claim)
     await _run_claimed(run, ledger, claim, canary, how)
     return True
+
+
+def _log_waiting() -> None:
+    """Log that another task runs the execution's canary, and this one waits for its outcome."""
+    logs.event(
+        "run.canary_waiting",
+        "another task of this execution is running the canary; waiting for its outcome before "
+        "migrating this task's share",
+    )
 
 
 async def _run_claimed(

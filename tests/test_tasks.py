@@ -152,6 +152,8 @@ def test_four_tasks_at_once_run_the_canary_once_before_any_other_tenant(
     assert all(rows[d.name][0]["recorded_at"] > canary_done for d in tenants[3:])
     ran = [e for r in runs for e in r.events("run.canary") if "canary_task" not in e]
     assert len(ran) == 1 and ran[0]["canary"] == [f"tenant/{d.name}" for d in tenants[:3]]
+    # The others waited for it (or found it done), and none ran one of its own.
+    assert len([e for r in runs for e in r.events("run.canary") if "canary_task" in e]) == 3
     (summary,) = summaries(runs)
     assert summary["total"] == 24 and summary["counts"] == {"applied": 24}, summary
     assert summary["status"] == "succeeded" and summary["databases"] == []
