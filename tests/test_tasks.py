@@ -12,6 +12,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -348,3 +349,41 @@ def test_too_many_connections_slows_the_tasks_down_and_fails_no_tenant(
     assert any("too many" in e["reason"] for e in retries), retries[:3]
     (summary,) = summaries(runs)
     assert summary["counts"] == {"applied": 6}, summary
+
+
+# ---- the summary of many databases ----------------------------------------------------------
+
+
+def test_execution_summary_of_thousands_stays_within_one_log_entry() -> None:
+    from job.report import SUMMARY_BYTES, json_size
+    from job.settings import CloudRun
+    from job.sharing import execution_summary
+
+    cloud_run = CloudRun(execution="migrate-job-x", task_index=0, task_count=8)
+    run: Any = SimpleNamespace(selected=[None] * 5000, cloud_run=cloud_run)
+    rows = [
+        {
+            "service": "tenant",
+            "database": f"tenant_{i:05d}",
+            "instance": "p:r:i",
+            "status": "failed" if i % 3 == 0 else "applied",
+            "from_revision": None,
+            "to_revision": None if i % 3 == 0 else TENANT_HEAD,
+            "applied": [] if i % 3 == 0 else [TENANT_HEAD],
+            "duration_ms": 12,
+            "error": "x" * 400 if i % 3 == 0 else None,
+        }
+        for i in range(4990)
+    ]
+    tasks = [{"task_index": i, "attempt": 0, "exit_code": 7} for i in range(8)]
+    summary = execution_summary(run, rows, tasks)
+    assert summary["total"] == 5000 and summary["counts"] == {
+        "failed": 1664,
+        "applied": 3326,
+        "unreported": 10,
+    }
+    assert summary["status"] == "failed" and summary["tasks"]["reported"] == 8
+    assert json_size(summary) <= SUMMARY_BYTES
+    listed = summary["databases"]
+    assert listed and all(d["status"] == "failed" for d in listed)
+    assert summary["omitted"] == 1664 - len(listed)
