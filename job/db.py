@@ -443,4 +443,5 @@ def connect_error(target: Target, exc: BaseException, elapsed_s: float) -> Conne
         database=entry.database,
         instance=entry.instance or entry.location,
         url=target.display,
+        sqlstate=state,
     )

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 # Failures that are not one database's own: they stop the run whatever the manifest says.
 FATAL = (ConfigError, SecretError, Interrupted)
+# "Too many connections": never a database's own failure (job.db waits it out).
+BUSY = "53300"
 # How many failed databases the run.error line names (run.summary lists them all).
 NAMED = 5
 
@@ -56,7 +58,10 @@ class Failures:
     @staticmethod
     def own(error: BaseException) -> bool:
         """Return whether error is a database's own failure (which continue may tolerate)."""
-        return isinstance(error, MigrateJobError) and not isinstance(error, FATAL)
+        # A server still refusing connections as too many (53300) after the long wait for it
+        # is the server's state, not the database's: it stops the run and spends no budget.
+        busy = isinstance(error, MigrateJobError) and error.context.get("sqlstate") == BUSY
+        return isinstance(error, MigrateJobError) and not isinstance(error, FATAL) and not busy
 
     def _shared(self, entry: DatabaseEntry) -> bool:
         """Return whether the entry's budget is the execution's (shared with the other tasks)."""

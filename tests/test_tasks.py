@@ -387,3 +387,17 @@ def test_execution_summary_of_thousands_stays_within_one_log_entry() -> None:
     listed = summary["databases"]
     assert listed and all(d["status"] == "failed" for d in listed)
     assert summary["omitted"] == 1664 - len(listed)
+
+
+def test_too_many_connections_never_spends_the_budget() -> None:
+    from job.errors import ConnectError
+    from job.failures import Failures
+    from job.manifest import DatabaseEntry
+
+    tenant = DatabaseEntry(
+        service="s", database="a", host="h", user="u", password="p", on_failure="continue", max_failures=5
+    )
+    failures = Failures([tenant])
+    # Still refused after job.db's long wait: the run stops, and no failure is counted.
+    assert not failures.record(tenant, ConnectError("too many connections", sqlstate="53300"))
+    assert failures.stopped and failures.counts == {} and failures.failed == []
