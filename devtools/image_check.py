@@ -250,12 +250,21 @@ def _has(args: list[str], check: tuple[str, ...]) -> bool:
     return bool(args) and args[0] == check[0] and all(option in args for option in check[1:])
 
 
-# ---- 3b. Monitoring: the failed-run metric and its alert ------------------------------------
+# ---- 3b. Monitoring: the failed-run and failed-execution metrics and their alerts ------------
 
 METRIC_FILE = "deploy/monitoring/failed-runs-metric.yaml"
 ALERT_FILE = "deploy/monitoring/failed-runs-alert.yaml"
 # run.summary's own fields that a metric may extract (see job/report.py).
 SUMMARY_FIELDS = {"status", "exit_code", "command"}
+# The same for execution.summary (one line per execution of several tasks, job/sharing.py).
+EXECUTION_METRIC_FILE = "deploy/monitoring/failed-executions-metric.yaml"
+EXECUTION_ALERT_FILE = "deploy/monitoring/failed-executions-alert.yaml"
+EXECUTION_FIELDS = {"status", "execution", "total"}
+# Each metric file, its alert policy, the summary event it counts, and the fields it may extract.
+MONITORING = (
+    (METRIC_FILE, ALERT_FILE, "run.summary", SUMMARY_FIELDS),
+    (EXECUTION_METRIC_FILE, EXECUTION_ALERT_FILE, "execution.summary", EXECUTION_FIELDS),
+)
 # The labels of Cloud Monitoring's cloud_run_job monitored resource.
 RESOURCE_LABELS = {"project_id", "location", "job_name"}
 # Aligners that turn a DELTA INT64 count into a number of runs per period.
@@ -272,14 +281,16 @@ def run_statuses() -> set[str]:
     return {run_status(code) for code in range(256)}
 
 
-def metric_problems(path: Path) -> tuple[LogMetric, list[str]]:
-    """Return the log-based metric and what is wrong with it for counting failed runs."""
+def metric_problems(
+    path: Path, event: str = "run.summary", fields: set[str] = SUMMARY_FIELDS
+) -> tuple[LogMetric, list[str]]:
+    """Return the log-based metric and what is wrong with it for counting failed runs (of event)."""
     try:
         metric = LogMetric.model_validate(load_yaml(path))
     except ValidationError as exc:
         raise _validation(path, exc) from None
     problems = []
-    for needed in ('resource.type="cloud_run_job"', 'jsonPayload.event="run.summary"'):
+    for needed in ('resource.type="cloud_run_job"', f'jsonPayload.event="{event}"'):
         if needed not in metric.filter:
             problems.append(f"filter must have {needed}")
     found = _STATUS.search(metric.filter)
@@ -288,7 +299,7 @@ def metric_problems(path: Path) -> tuple[LogMetric, list[str]]:
         problems.append('filter must select jsonPayload.status="failed"')
     for status in sorted(statuses - run_statuses()):
         problems.append(
-            f"filter selects status {status!r}, which run.summary never has ({sorted(run_statuses())})"
+            f"filter selects status {status!r}, which {event} never has ({sorted(run_statuses())})"
         )
     kind = metric.metric_descriptor
     if (kind.metric_kind, kind.value_type) != ("DELTA", "INT64"):
@@ -301,8 +312,8 @@ def metric_problems(path: Path) -> tuple[LogMetric, list[str]]:
     for key, extractor in metric.label_extractors.items():
         source = _EXTRACTOR.match(extractor)
         field = source.group(1) if source else ""
-        if field.startswith("jsonPayload.") and field.removeprefix("jsonPayload.") not in SUMMARY_FIELDS:
-            problems.append(f"label {key} extracts {field}, which run.summary does not have")
+        if field.startswith("jsonPayload.") and field.removeprefix("jsonPayload.") not in fields:
+            problems.append(f"label {key} extracts {field}, which {event} does not have")
         elif not source:
             problems.append(f"label {key}: {extractor!r} is not EXTRACT(...) or REGEXP_EXTRACT(...)")
     return metric, problems
@@ -351,15 +362,20 @@ def _label_problems(fields: list[str], metric_labels: set[str]) -> list[str]:
 
 
 def monitoring_problems(repo: Path) -> list[str]:
-    """Return the findings of the failed-run metric and alert policy files."""
-    metric_path, alert_path = repo / METRIC_FILE, repo / ALERT_FILE
-    missing = [shown(p) for p in (metric_path, alert_path) if not p.is_file()]
-    if missing:
-        return [f"{m} is missing: operators would not be told when a migration fails" for m in missing]
-    metric, problems = metric_problems(metric_path)
-    return [f"{METRIC_FILE}: {p}" for p in problems] + [
-        f"{ALERT_FILE}: {p}" for p in alert_problems(alert_path, metric)
-    ]
+    """Return the findings of the failed-run and failed-execution metric and alert policy files."""
+    problems: list[str] = []
+    for metric_file, alert_file, event, fields in MONITORING:
+        metric_path, alert_path = repo / metric_file, repo / alert_file
+        missing = [shown(p) for p in (metric_path, alert_path) if not p.is_file()]
+        if missing:
+            problems += [
+                f"{m} is missing: operators would not be told when a migration fails" for m in missing
+            ]
+            continue
+        metric, found = metric_problems(metric_path, event, fields)
+        problems += [f"{metric_file}: {p}" for p in found]
+        problems += [f"{alert_file}: {p}" for p in alert_problems(alert_path, metric)]
+    return problems
 
 
 # ---- 4. The image's filesystem --------------------------------------------------------------

@@ -33,6 +33,9 @@ FATAL_SQLSTATES = {
 }
 # SQLSTATEs worth another try: starting up, shutting down, too many connections.
 TRANSIENT_SQLSTATES = {"57P03", "57P01", "57P02", "53300", "53400", "08000", "08001", "08006"}
+# "Too many connections": the server asks the job to slow down (tasks x --jobs above its
+# max_connections). Waited out far past the connect timeout: it never fails a database.
+BUSY, BUSY_S = "53300", 900.0
 
 
 @dataclass(frozen=True)
@@ -226,24 +229,29 @@ T = TypeVar("T")
 
 
 async def with_retries(target: Target, timeout_s: float, opener: Callable[[], Awaitable[T]]) -> T:
-    """Return opener()'s connection, retrying transient failures (bounded by timeout_s)."""
-    from tenacity import (
-        AsyncRetrying,
-        retry_if_exception,
-        stop_after_attempt,
-        stop_after_delay,
-        wait_exponential_jitter,
-    )
+    """Return opener()'s connection, retrying transient failures (bounded by timeout_s; BUSY_S if busy)."""
+    from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter, wait_random_exponential
 
     loop = asyncio.get_running_loop()
     started = loop.time()
     backoff = wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.3)
+    # Full jitter: tasks refused together must not all come back at the same moment.
+    busy = wait_random_exponential(multiplier=0.2, max=2.0)
+
+    def left(state: Any) -> tuple[bool, float]:
+        waiting = sqlstate(state.outcome.exception() if state.outcome else None) == BUSY
+        return waiting, max(timeout_s, BUSY_S if waiting else 0) - (state.seconds_since_start or 0.0)
+
+    def pause(state: Any) -> float:
+        # The last sleep ends at the deadline, so the whole wait is the deadline, not more.
+        waiting, remaining = left(state)
+        return max(0.0, min((busy if waiting else backoff)(state), remaining))
+
     try:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(is_transient),
-            stop=stop_after_delay(timeout_s) | stop_after_attempt(100),
-            # The last sleep ends at the deadline, so the whole wait is timeout_s, not more.
-            wait=lambda state: max(0.0, min(backoff(state), timeout_s - (state.seconds_since_start or 0.0))),
+            stop=lambda state: left(state)[1] <= 0 or state.attempt_number >= 1000,
+            wait=pause,
             before_sleep=lambda state: _log_retry(target, state),
             reraise=True,
         ):
@@ -444,4 +452,5 @@ def connect_error(target: Target, exc: BaseException, elapsed_s: float) -> Conne
         database=entry.database,
         instance=entry.instance or entry.location,
         url=target.display,
+        sqlstate=state,
     )

@@ -120,3 +120,15 @@ class TraceFindings(LintFindings):
     """``trace``: what PostgreSQL did while a revision ran breaks a rule (a rewrite, a scan under a lock)."""
 
     kind = "trace"
+
+
+def error_class(kind: str) -> type[MigrateJobError]:
+    """Return the error class of a kind (as another task recorded it); a migration's failure if unknown."""
+    found: dict[str, type[MigrateJobError]] = {}
+    todo: list[type[MigrateJobError]] = [MigrateJobError]
+    while todo:
+        cls = todo.pop()
+        found.setdefault(cls.kind, cls)
+        todo.extend(cls.__subclasses__())
+    cls = found.get(kind, MigrationFailed)
+    return MigrationFailed if cls in (Interrupted, MigrateJobError) else cls

@@ -119,7 +119,7 @@ async def _inspect_or_skip(
         await (_inspect_quick if quick else _inspect)(run, result, execution)
     except HistoryError as exc:
         if not (allow_ahead and exc.revision and exc.context.get("unknown_revision")):
-            return _tolerated(result, execution, exc, failures)
+            return await _tolerated(result, execution, exc, failures)
         result.status, result.from_revision, result.error = "ahead", exc.revision, exc.message
         logs.event(
             "db.ahead",
@@ -129,17 +129,19 @@ async def _inspect_or_skip(
             **execution.target.fields(),
         )
     except MigrateJobError as exc:
-        return _tolerated(result, execution, exc, failures)
+        return await _tolerated(result, execution, exc, failures)
     return True
 
 
-def _tolerated(
+async def _tolerated(
     result: DatabaseResult, execution: Execution, exc: MigrateJobError, failures: Failures | None
 ) -> bool:
     """Return False if the manifest lets the run go on without this database; else raise exc."""
-    if failures is None or not failures.own(exc) or not failures.record(execution.target.entry, exc):
+    if failures is None or not failures.own(exc):
         raise exc
     result.status, result.error = "failed", result.error or exc.message
+    if not await failures.settle(execution.target.entry, exc, result):
+        raise exc
     # No plan: the database is left out of the work, and its result stays failed.
     execution.plan = None
     return False

@@ -33,7 +33,8 @@ class DatabaseEntry(BaseModel):
     database: str | None = Field(default=None, pattern=NAME_PATTERN)
     discover: str | None = Field(default=None, min_length=1)
     discover_database: str = Field(default="postgres", pattern=NAME_PATTERN)
-    # Where the tasks of one execution coordinate (default: the discover_database); never migrated.
+    # Where the tasks of one Cloud Run execution meet (job.coordination): a database on the
+    # entry's server where its login may create a table. A discover entry's default: discover_database.
     coordination_database: str | None = Field(default=None, pattern=NAME_PATTERN)
     instance: str | None = Field(default=None, pattern=INSTANCE_PATTERN)
     host: str | None = None
@@ -62,8 +63,8 @@ class DatabaseEntry(BaseModel):
     lock_retry_s: float = Field(default=120.0, ge=0)
     # Migrate the entry's first N databases with work alone; the rest only if they all succeed.
     canary: int | None = Field(default=None, ge=1)
-    # "continue": a failing database of the entry does not stop the others (tenants), at most
-    # max_failures of them before the run stops anyway.
+    # "continue": a failing database of the entry does not stop the others (tenants); max_failures
+    # of them are tolerated, and the next one stops the run anyway.
     on_failure: Literal["stop", "continue"] = "stop"
     max_failures: int | None = Field(default=None, ge=1)
     # Downgrades and reset of this entry's databases; None follows the manifest's top-level key.
@@ -136,6 +137,13 @@ class DatabaseEntry(BaseModel):
     def block(self) -> int | None:
         """Return the index of the manifest block the entry came from (None: built in code)."""
         return self._block
+
+    @property
+    def coordination(self) -> str | None:
+        """Return the coordination database: the key, else a discover entry's discover_database."""
+        if self.coordination_database is not None:
+            return self.coordination_database
+        return self.discover_database if self.discover is not None else None
 
     @property
     def label(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +97,8 @@ class RunReport:
     # This Cloud Run task's share of the selected databases (index, count, how many of how many).
     shard: dict[str, int] | None = None
     started: float = field(default_factory=time.monotonic)
+    # Called with the exit code just before run.summary (a task of several records its end).
+    closing: Callable[[int], None] | None = None
 
     def add(self, result: DatabaseResult) -> DatabaseResult:
         """Record a database (initially skipped) and return its result to fill in."""
@@ -124,6 +127,8 @@ class RunReport:
 
     def log_summary(self, exit_code: int) -> None:
         """Write the ``run.summary`` line, always the last."""
+        if self.closing is not None:
+            self.closing(exit_code)
         summary = self.summary(exit_code)
         counts = ", ".join(f"{n} {status}" for status, n in summary["counts"].items()) or "no database"
         message = f"{self.command} {summary['status']} (exit {exit_code}): {counts}"

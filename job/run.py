@@ -51,6 +51,8 @@ class Run:
     report: RunReport
     selectors: tuple[Sequence[str], Sequence[str]] = ((), ())
     jobs: int = 1
+    # Every task's selection (all shares): what the tasks of one execution share a canary over.
+    selected: list[DatabaseEntry] = field(default_factory=list)
     resolver: SecretResolver = field(init=False)
 
     def __post_init__(self) -> None:
@@ -128,13 +130,14 @@ def prepare(
 def _select_share(run: Run) -> None:
     """Set the run's entries: the selected ones, then this Cloud Run task's share of them."""
     services, databases = run.selectors
-    selected = select(run.manifest, services=services, databases=databases)
+    selected = run.selected = select(run.manifest, services=services, databases=databases)
     run.entries = shard(selected, run.cloud_run.task_index, run.cloud_run.task_count)
     run.report.shard = {
         "task_index": run.cloud_run.task_index,
         "task_count": run.cloud_run.task_count,
         "databases": len(run.entries),
         "of": len(selected),
+        "attempt": run.cloud_run.task_attempt,
     }
 
 
@@ -181,7 +184,8 @@ async def discover_databases(run: Run) -> None:
             instance=entry.location,
             count=len(names),
         )
-        entries.extend(entry.model_copy(update={"database": n, "discover": None}) for n in names)
+        found = {"discover": None, "coordination_database": entry.coordination}
+        entries.extend(entry.model_copy(update={"database": n, **found}) for n in names)
     run.manifest = with_entries(run.manifest, entries)
     _select_share(run)
 

@@ -42,25 +42,42 @@ def canaries(work: Work, canary: int | None) -> tuple[Work, Work]:
 
 
 async def apply_waves(
-    run: Run, inspected: Work, work: Work, failures: Failures, pool: Pool | None, canary: int | None
+    run: Run,
+    inspected: Work,
+    work: Work,
+    failures: Failures,
+    pool: Pool | None,
+    canary: int | None,
+    *,
+    gated: bool = False,
 ) -> None:
-    """Apply the canary wave, then (if it passed) the rest; raise the run's first failure."""
-    wave, rest = canaries(work, canary)
+    """Apply the canary wave, then (if it passed) the rest; raise the run's first failure.
+
+    gated: the execution's canary passed already (several tasks share one): no wave of this task's own.
+    """
+    wave, rest = ([], work) if gated else canaries(work, canary)
     if wave:
-        try:
-            await _wave(run, inspected, wave, failures, pool, idle=())
-        except MigrateJobError as exc:
-            if not failures.own(exc):
-                raise
-            raise _canary_failed(wave, rest, exc) from None
-        first = failures.first(among={id(e.target.entry) for _, e in wave})
-        if first is not None and any(r.status in FAILED for r, _ in wave):
-            raise _canary_failed(wave, rest, first)
-        _log_canary(wave, rest, "passed")
+        await canary_wave(run, inspected, wave, rest, failures, pool)
     busy = {id(e) for _, e in work}
     idle = [(r, e) for r, e in inspected if r.status != "ahead" and id(e) not in busy]
     await _wave(run, inspected, rest, failures, pool, idle=idle)
     failures.raise_if_any()
+
+
+async def canary_wave(
+    run: Run, inspected: Work, wave: Work, rest: Work, failures: Failures, pool: Pool | None
+) -> None:
+    """Apply the canary wave alone; raise its failure, told as the canary's, if any database of it failed."""
+    try:
+        await _wave(run, inspected, wave, failures, pool, idle=())
+    except MigrateJobError as exc:
+        if not failures.own(exc):
+            raise
+        raise _canary_failed(wave, rest, exc) from None
+    first = failures.first(among={id(e.target.entry) for _, e in wave})
+    if first is not None and any(r.status in FAILED for r, _ in wave):
+        raise _canary_failed(wave, rest, first)
+    _log_canary(wave, rest, "passed")
 
 
 async def _wave(
@@ -83,12 +100,16 @@ async def _in_order(
     waiting = {id(e) for _, e in idle}
     for result, execution in inspected:
         if id(execution) in chosen:
+            if not await failures.may_start(execution.target.entry):
+                # Another task spent the entry's budget: this database is skipped.
+                failures.raise_if_any()
+                continue
             try:
                 await apply(run, result, execution)
             except MigrateJobError as exc:
                 if not failures.own(exc):
                     raise
-                if not failures.record(execution.target.entry, exc):
+                if not await failures.settle(execution.target.entry, exc, result):
                     first = failures.error() or exc
                     if first is exc:
                         raise

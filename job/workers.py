@@ -286,13 +286,15 @@ class Pool:
                 while queue or running:
                     while queue and len(running) < self.size and not failures.stopped:
                         task = queue.pop()
+                        if not await failures.may_start(work[task.index][1].target.entry):
+                            break
                         running[asyncio.wrap_future(self.executor.submit(apply_one, task))] = task
                     if not running:
                         break
                     done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                     for future in done:
                         del running[future]
-                        fatal += self._collect(work, future.result(), failures)
+                        fatal += await self._collect(work, future.result(), failures)
             except asyncio.CancelledError:
                 await self._stop(work, running)
                 raise
@@ -321,7 +323,7 @@ class Pool:
             history_exists=execution.history_exists,
         )
 
-    def _collect(
+    async def _collect(
         self, work: list[tuple[DatabaseResult, Execution]], outcome: Outcome, failures: Failures | None
     ) -> list[Outcome]:
         """Copy a worker's result into the run's report; return it if it failed not as a database's own."""
@@ -330,7 +332,7 @@ class Pool:
         result.finish(execution.target, "current")
         if outcome.error is None or failures is None:
             return []
-        failures.record(execution.target.entry, outcome.error)
+        await failures.settle(execution.target.entry, outcome.error, result)
         return [] if failures.own(outcome.error) else [outcome]
 
     async def _stop(
@@ -343,7 +345,7 @@ class Pool:
         done, _ = await asyncio.wait(running, timeout=STOP_GRACE_S)
         for future in done:
             with contextlib.suppress(Exception):
-                self._collect(work, future.result(), None)
+                await self._collect(work, future.result(), None)
 
     def _signal(self, signum: int) -> None:
         """Send a signal to every worker process the pool has started."""

@@ -147,7 +147,13 @@ def test_cloud_run_tasks_each_migrate_their_share(
     run = run_job(env={**env, "CLOUD_RUN_TASK_COUNT": "2", "CLOUD_RUN_TASK_INDEX": "1"})
     assert run.code == 0, run.stdout[-3000:]
     assert [d["database"] for d in run.summary["databases"]] == mine
-    assert run.summary["shard"] == {"task_index": 1, "task_count": 2, "databases": len(mine), "of": 5}
+    assert run.summary["shard"] == {
+        "task_index": 1,
+        "task_count": 2,
+        "databases": len(mine),
+        "of": 5,
+        "attempt": 0,
+    }
     assert [d.version() for d in group] == [[HEADS["compliance"]] if d.name in mine else [] for d in group]
     rest = run_job(env={**env, "CLOUD_RUN_TASK_COUNT": "2", "CLOUD_RUN_TASK_INDEX": "0"})
     assert rest.code == 0

@@ -188,16 +188,37 @@ def test_twenty_tenants_three_broken_the_others_are_migrated_and_a_rerun_takes_o
 def test_max_failures_stops_the_run_and_skips_the_rest(
     fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
 ) -> None:
-    group = fleet("altering", 6)
+    # max_failures = 2: two failures are tolerated, the third stops the run.
+    group = fleet("altering", 7)
     for database in (group[0], group[2], group[4]):
         database.pg.execute("CREATE TABLE widgets (id int)", database=database.name)
     env = env_for(job_env, tmp_path, [block(group, on_failure="continue", max_failures=2)])
     run = run_job(env=env)
     assert run.code == 7, run.stdout[-3000:]
-    assert list(statuses(run).values()) == ["failed", "applied", "failed", "skipped", "skipped", "skipped"]
-    assert [d.version() for d in group[3:]] == [[], [], []]
+    assert list(statuses(run).values()) == [
+        "failed",
+        "applied",
+        "failed",
+        "applied",
+        "failed",
+        "skipped",
+        "skipped",
+    ]
+    assert [d.version() for d in group[5:]] == [[], []]
     (error,) = run.events("run.error")
     assert "max_failures = 2" in error["hint"] and error["database"] == group[0].name
+    assert error["failed"] == 3 and len(run.events("db.failed")) == 2
+
+
+def test_max_failures_one_tolerates_one_failure() -> None:
+    tenants = [entry(name, on_failure="continue", max_failures=1) for name in ("a", "b", "c")]
+    for tenant in tenants:
+        tenant._block = 0  # one [[databases]] block: one budget
+    failures = Failures(tenants)
+    assert failures.record(tenants[0], MigrationFailed("a broke"))
+    assert not failures.stopped
+    assert not failures.record(tenants[1], MigrationFailed("b broke"))
+    assert failures.stopped and "more than its max_failures = 1" in (failures.limit or "")
 
 
 def test_a_tenant_failing_the_preflight_is_its_own_failure_with_continue(

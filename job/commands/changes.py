@@ -15,6 +15,7 @@ from job.run import Run, confirm
 from job.waves import apply_waves
 
 if TYPE_CHECKING:
+    from job.coordination import Ledger
     from job.manifest import DatabaseEntry
     from job.workers import Pool
 
@@ -144,11 +145,35 @@ async def reset(run: Run, *, yes: bool = False) -> None:
 async def _change(
     run: Run, destination: str, direction: Direction, *, allow_ahead: bool = False, canary: int | None = None
 ) -> None:
-    """Check every selected database, then move each in manifest order (canary first), as failures allow."""
+    """Check every selected database, then move each in manifest order (canary first), as failures allow.
+
+    With several Cloud Run tasks, the execution's canary and budgets are shared (job.sharing).
+    """
+    from job import sharing
+
+    ledger = await sharing.begin(run, canary)
+    try:
+        await _change_shared(run, destination, direction, allow_ahead, canary, ledger)
+    finally:
+        if ledger is not None:
+            await ledger.close()
+
+
+async def _change_shared(
+    run: Run,
+    destination: str,
+    direction: Direction,
+    allow_ahead: bool,
+    canary: int | None,
+    ledger: Ledger | None,
+) -> None:
+    """Inspect this task's share, pass the (shared) canary, then move its databases."""
+    from job import sharing
     from job.workers import pool_for
 
     starting: asyncio.Future[Pool | None] | None = None
     failures = Failures(run.entries)
+    failures.ledger = ledger
 
     def work_found() -> None:
         # Start the workers now, while the rest of the preflight runs. In a thread: starting a
@@ -165,6 +190,10 @@ async def _change(
             direction=direction,
             on_work=work_found,
             failures=failures,
+        )
+        # No database of this share is locked before the execution's canary passed.
+        gated = ledger is not None and await sharing.shared_canary(
+            run, ledger, canary, (destination, direction, allow_ahead)
         )
     except BaseException:
         if starting is not None and (started := await starting) is not None:
@@ -186,7 +215,7 @@ async def _change(
     pool = pool or pool_for(run, len(work))
     try:
         async with progress.reporting([r for r, _ in work], run.settings.progress_s):
-            await apply_waves(run, inspected, work, failures, pool, canary)
+            await apply_waves(run, inspected, work, failures, pool, canary, gated=gated)
     finally:
         if pool is not None:
             pool.close()

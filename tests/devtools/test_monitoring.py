@@ -1,5 +1,6 @@
-"""The failed-run metric and its alert policy are checked offline, as the job YAMLs are: a typo in
-a field, a status the job never writes, or an alert on another metric fails ``make image-check``."""
+"""The failed-run and failed-execution metrics and their alerts are checked offline, as the job YAMLs
+are: a typo in a field, a status the job never writes, or an alert on another metric fails
+``make image-check``."""
 
 from __future__ import annotations
 
@@ -87,5 +88,15 @@ def test_a_label_the_metric_does_not_have_is_reported(monitoring: Path) -> None:
 
 def test_missing_files_are_reported(tmp_path: Path) -> None:
     problems = image_check.monitoring_problems(tmp_path)
-    assert len(problems) == 2
+    assert len(problems) == 4  # the run and the execution metric, each with its alert
     assert all("operators would not be told" in p for p in problems)
+
+
+def test_the_execution_metric_must_count_execution_summary_lines(tmp_path: Path) -> None:
+    shipped = (REPO / image_check.EXECUTION_METRIC_FILE).read_text()
+    metric = tmp_path / "metric.yaml"
+    metric.write_text(
+        shipped.replace('jsonPayload.event="execution.summary"', 'jsonPayload.event="run.summary"')
+    )
+    _, problems = image_check.metric_problems(metric, "execution.summary", image_check.EXECUTION_FIELDS)
+    assert problems == ['filter must have jsonPayload.event="execution.summary"']
