@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from job import db, logs
+from job import db, logs, pgerrors
 from job.blockers import BlockerWatch, is_lock_timeout
 from job.errors import MigrateJobError, MigrationFailed
 from job.executor import Execution, execute
@@ -41,7 +41,7 @@ async def apply(run: Run, result: DatabaseResult, expected: Execution) -> None:
             await _apply_once(run, result, expected, applied)
             return
         except MigrateJobError as exc:
-            if attempt > RECONNECTS or not db.is_connection_lost(exc):
+            if attempt > RECONNECTS or not pgerrors.is_connection_lost(exc):
                 raise
             # The server rolled back the running revision; the next pass re-reads under the lock.
             logs.event(

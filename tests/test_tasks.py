@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 
 from devtools.pgserver import PgServer
+from job.manifest import DatabaseEntry, task_of
 from tests.conftest import Database
 from tests.support import FIXTURES, PASSWORD, PROJECT, JobRun, record_output, start_job, write_manifest
 
@@ -29,20 +30,34 @@ _executions = itertools.count()
 
 
 @pytest.fixture
-def fleet(pg: PgServer, socket_root: Path | None) -> Iterator[Callable[[str, int], list[Database]]]:
-    """Return a factory of n tenant databases of a service (one login role), plus one to coordinate in."""
+def fleet(pg: PgServer, socket_root: Path | None) -> Iterator[Callable[..., list[Database]]]:
+    """Return a factory of n tenant databases of a service (one login role), plus one to coordinate in.
+
+    With tasks, tenant i is named so that the job's own rule (manifest.task_of, a hash of the
+    database's server and name) gives it to task i % tasks: the shares are then known, as the
+    tests below count on, whatever the pid in the names.
+    """
     made: list[Database] = []
     count = itertools.count()
 
-    def make(service: str, n: int) -> list[Database]:
+    def make(service: str, n: int, tasks: int = 1) -> list[Database]:
         base = f"x{os.getpid()}_{next(count)}"
         role = f"{base}_migrator"
         pg.create_role(role, PASSWORD)
-        group = [Database(service, f"{base}_t{i:02d}", role, PASSWORD, pg, socket_root) for i in range(n + 1)]
+        group = [placed(service, f"{base}_t{i:02d}", role, i % tasks, tasks) for i in range(n)]
+        group.append(Database(service, f"{base}_meet", role, PASSWORD, pg, socket_root))
         for database in group:
             pg.create_database(database.name, owner=role)
         made.extend(group)
         return group
+
+    def placed(service: str, stem: str, role: str, task: int, tasks: int) -> Database:
+        """Return the first database named stem_<k> that the job gives to task (of tasks)."""
+        for k in itertools.count():
+            database = Database(service, f"{stem}_{k}", role, PASSWORD, pg, socket_root)
+            if tasks == 1 or task_of(DatabaseEntry(**database.entry()), tasks) == task:
+                return database
+        raise AssertionError("unreachable")
 
     yield make
     for database in made:
@@ -138,9 +153,9 @@ def summaries(runs: list[JobRun]) -> list[dict[str, Any]]:
 
 
 def test_four_tasks_at_once_run_the_canary_once_before_any_other_tenant(
-    fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
+    fleet: Callable[..., list[Database]], tmp_path: Path, job_env: dict[str, str]
 ) -> None:
-    group = fleet("tenant", 24)
+    group = fleet("tenant", 24, tasks=4)
     tenants = group[:-1]
     path = manifest(tmp_path, group, canary=3)
     execution = new_execution()
@@ -163,9 +178,9 @@ def test_four_tasks_at_once_run_the_canary_once_before_any_other_tenant(
 
 
 def test_one_task_at_a_time_last_first_still_runs_the_canary_first(
-    fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
+    fleet: Callable[..., list[Database]], tmp_path: Path, job_env: dict[str, str]
 ) -> None:
-    group = fleet("tenant", 8)
+    group = fleet("tenant", 8, tasks=4)
     tenants = group[:-1]
     path = manifest(tmp_path, group, canary=3)
     execution = new_execution()
@@ -187,9 +202,9 @@ def test_one_task_at_a_time_last_first_still_runs_the_canary_first(
 
 
 def test_a_broken_canary_stops_every_task_and_touches_no_other_tenant(
-    fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
+    fleet: Callable[..., list[Database]], tmp_path: Path, job_env: dict[str, str]
 ) -> None:
-    group = fleet("tenant", 8)
+    group = fleet("tenant", 8, tasks=4)
     tenants = group[:-1]
     # What a hand-made fix left behind: the revision's CREATE TABLE fails on the second canary.
     tenants[1].pg.execute("CREATE TABLE tenant_settings (id int)", database=tenants[1].name)
@@ -209,9 +224,9 @@ def test_a_broken_canary_stops_every_task_and_touches_no_other_tenant(
 
 
 def test_several_tasks_need_a_coordination_database_for_a_canary(
-    fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
+    fleet: Callable[..., list[Database]], tmp_path: Path, job_env: dict[str, str]
 ) -> None:
-    group = fleet("tenant", 2)
+    group = fleet("tenant", 2, tasks=2)
     path = manifest(tmp_path, group, canary=1)
     text = path.read_text().replace(f'coordination_database = "{group[-1].name}"\n', "")
     path.write_text(text)
@@ -223,9 +238,9 @@ def test_several_tasks_need_a_coordination_database_for_a_canary(
 
 
 def test_a_discover_entry_coordinates_in_its_discover_database(
-    fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
+    fleet: Callable[..., list[Database]], tmp_path: Path, job_env: dict[str, str]
 ) -> None:
-    group = fleet("tenant", 2)
+    group = fleet("tenant", 2, tasks=2)
     *tenants, listing = group
     # The discover query's database, where this login may read but not create a table.
     listing.pg.execute(f'ALTER DATABASE "{listing.name}" OWNER TO CURRENT_USER')
@@ -251,9 +266,9 @@ def test_a_discover_entry_coordinates_in_its_discover_database(
 
 
 def test_max_failures_is_one_budget_for_every_task(
-    fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
+    fleet: Callable[..., list[Database]], tmp_path: Path, job_env: dict[str, str]
 ) -> None:
-    group = fleet("tenant", 8)
+    group = fleet("tenant", 8, tasks=4)
     tenants = group[:-1]
     broken = tenants[:5]  # the first of every task's share, and the second of task 0
     for database in broken:
@@ -272,9 +287,9 @@ def test_max_failures_is_one_budget_for_every_task(
 
 
 def test_a_task_finding_the_budget_spent_skips_its_share_and_names_the_failure(
-    fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
+    fleet: Callable[..., list[Database]], tmp_path: Path, job_env: dict[str, str]
 ) -> None:
-    group = fleet("tenant", 6)
+    group = fleet("tenant", 6, tasks=2)
     tenants = group[:-1]
     for database in tenants[0:6:2]:  # task 0's whole share
         database.pg.execute("CREATE TABLE tenant_settings (id int)", database=database.name)
@@ -295,9 +310,9 @@ def test_a_task_finding_the_budget_spent_skips_its_share_and_names_the_failure(
 
 
 def test_a_killed_task_retried_resumes_and_applies_nothing_twice(
-    fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
+    fleet: Callable[..., list[Database]], tmp_path: Path, job_env: dict[str, str]
 ) -> None:
-    group = fleet("sleepy", 4)
+    group = fleet("sleepy", 4, tasks=2)
     tenants = group[:-1]
     path = manifest(tmp_path, group, canary=1)
     execution = new_execution()
@@ -332,9 +347,9 @@ def test_a_killed_task_retried_resumes_and_applies_nothing_twice(
 
 
 def test_too_many_connections_slows_the_tasks_down_and_fails_no_tenant(
-    fleet: Callable[[str, int], list[Database]], tmp_path: Path, job_env: dict[str, str]
+    fleet: Callable[..., list[Database]], tmp_path: Path, job_env: dict[str, str]
 ) -> None:
-    group = fleet("tenant", 6)
+    group = fleet("tenant", 6, tasks=2)
     tenants = group[:-1]
     # The server refuses the login's connections past 3 (SQLSTATE 53300, as max_connections
     # does): 2 tasks hold one each to coordinate, and ask for 2 more each with --jobs 2.
