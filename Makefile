@@ -50,7 +50,7 @@ lint: install
 	$(UV) run --frozen mypy job devtools
 
 test: lint image-check
-	$(UV) run --frozen pytest -n $(TEST_WORKERS)
+	$(UV) run --frozen pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-scale: install
 	$(UV) run --frozen pytest -m scale

@@ -202,10 +202,10 @@ def test_log_detail_false_keeps_a_data_errors_quoted_value_out() -> None:
 
 def test_a_bug_of_the_job_keeps_its_whole_stack_trace() -> None:
     """An exception the job's own code raised is not the revision's: no trimmed trace replaces it."""
-    from job import cli
+    from job import parser
 
     try:
-        cli._positive("x")
+        parser._positive("x")
     except Exception as exc:
         assert diagnosis.report(exc, None, SERVICES / "failures", log_detail=True).stack_trace is None
     else:

@@ -50,6 +50,9 @@ EXIT_WITHIN_S = 5.0
 BACKEND_GONE_WITHIN_S = 5.0
 # Set it to replay the random kill moments of an earlier run (the seed is in every message).
 SEED_VARIABLE = "MIGRATE_TEST_SIGNAL_SEED"
+# Under pytest-xdist (make test) these tests go to one worker, one after another: each starts four
+# cold jobs at once and times them, and two such rounds at once on two cores would time the machine.
+pytestmark = pytest.mark.xdist_group("signals")
 
 
 class JobProcess:
