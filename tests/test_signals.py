@@ -50,8 +50,9 @@ EXIT_WITHIN_S = 5.0
 BACKEND_GONE_WITHIN_S = 5.0
 # Set it to replay the random kill moments of an earlier run (the seed is in every message).
 SEED_VARIABLE = "MIGRATE_TEST_SIGNAL_SEED"
-# Under pytest-xdist (make test) these tests go to one worker, one after another: each starts four
-# cold jobs at once and times them, and two such rounds at once on two cores would time the machine.
+# Under pytest-xdist (make test) these tests go to one worker, one after another: they share the
+# sleepy databases, whose kill window is measured once by four cold jobs at once. The random-moment
+# soaks (20 stops each) are marked scale: make test-scale runs them alone on the machine.
 pytestmark = pytest.mark.xdist_group("signals")
 
 
@@ -390,7 +391,7 @@ def assert_server_clean(db: Database, context: str) -> None:
     assert locks == [], f"{context}: advisory locks left: {locks}"
 
 
-@pytest.mark.long
+@pytest.mark.scale  # a soak of 20 stops: make test-scale, alone on the machine, times it
 def test_sigterm_at_random_moments_rolls_back_and_exits_143(
     sleepies: list[Sleepy], rng: tuple[random.Random, int]
 ) -> None:
@@ -423,7 +424,7 @@ def test_sigterm_at_random_moments_rolls_back_and_exits_143(
         assert schema_revision(target.db, f"seed={seed} final run") == HEAD
 
 
-@pytest.mark.long
+@pytest.mark.scale  # a soak of 20 kills: make test-scale
 def test_sigkill_at_random_moments_leaves_the_schema_at_a_revision(
     sleepies: list[Sleepy], rng: tuple[random.Random, int]
 ) -> None:
@@ -463,6 +464,22 @@ def test_sigkill_at_random_moments_leaves_the_schema_at_a_revision(
                 reset(target.db)
     print(f"\nSIGKILL seed={seed}: {dict(tally)}")
     assert tally["while migrating"] >= 1, f"seed={seed}: no SIGKILL landed in a migration: {dict(tally)}"
+
+
+def test_sigterm_during_start_up_stops_before_any_database(sleepies: list[Sleepy]) -> None:
+    """A SIGTERM while the interpreter starts (Cloud Run cancels an execution just begun) is held
+    until the job can stop cleanly, and then ends it at once: 143, nothing connected or changed."""
+    sleepy = sleepies[0]
+    reset(sleepy.db)
+    with JobProcess(sleepy.env) as job:
+        job.wait_handled(signal.SIGTERM)
+        sent = job.send(signal.SIGTERM)
+        run = job.finish(timeout=EXIT_WITHIN_S)
+    assert job.exited_after_s is not None and job.exited_after_s - sent < EXIT_WITHIN_S
+    assert_interrupted_cleanly(run, 143, "SIGTERM at start-up")
+    assert run.code == 143 and run.events("db.connected") == [], run.stdout
+    assert [e["signal"] for e in run.events("run.signal")] == [signal.SIGTERM]
+    assert schema_revision(sleepy.db, "SIGTERM at start-up") is None
 
 
 def test_sigint_during_a_migration_exits_130(sleepies: list[Sleepy]) -> None:
