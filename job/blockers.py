@@ -7,9 +7,9 @@ line can name the session to wait for or end.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING, Any
 
+from job.background import Background
 from job.errors import MigrationFailed
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def is_lock_timeout(exc: BaseException) -> bool:
     )
 
 
-class BlockerWatch:
+class BlockerWatch(Background):
     """Watch, from a second connection, which sessions block the migration's connection.
 
     PostgreSQL's lock_timeout error does not say who held the lock; this does.
@@ -47,19 +47,8 @@ class BlockerWatch:
         # (and its second connection).
         self.delay_s = delay_s
         self.blockers: list[dict[str, Any]] = []
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> BlockerWatch:
-        self._task = asyncio.create_task(self._watch())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-    async def _watch(self) -> None:
+    async def _run(self) -> None:
         """Poll pg_blocking_pids until cancelled, keeping the last non-empty answer."""
         from sqlalchemy import text
 

@@ -27,6 +27,8 @@ import threading
 import time
 from typing import Any
 
+from job.background import Background
+
 SAMPLE_BURST, SAMPLE_MIN_S, SAMPLE_MAX_S = 25, 0.0005, 0.02
 GATE_MAX_S = 1.0
 SAMPLE_SQL = """
@@ -39,7 +41,7 @@ GATE_TABLES_SQL = (
 )
 
 
-class Sampler:
+class Sampler(Background):
     """Watches one backend's locks while it runs statements outside its transaction (see the module)."""
 
     def __init__(self, connection: Any) -> None:
@@ -55,17 +57,9 @@ class Sampler:
         self._busy = asyncio.Lock()  # one operation at a time on the connection
         self._gate: Any = None
         self._gate_since = 0.0
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Sampler:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+    async def __aexit__(self, *exc: Any) -> None:
+        await super().__aexit__(*exc)
         with contextlib.suppress(Exception):
             await self._open_gate()
 
