@@ -39,7 +39,7 @@ PRELOAD = (
     "job.drift",
     "job.lint",
     "job.scaffold",
-    "google.cloud.logging_v2.handlers",
+    "job.structured",
     "google.cloud.secretmanager",
     "google.auth",  # never google.auth.compute_engine: it reads GCE_METADATA_HOST when imported
     "sqlalchemy.ext.asyncio",

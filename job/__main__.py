@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
+from job.cli import entry
 
-from job.cli import main
-
-sys.exit(main())
+entry()

@@ -58,7 +58,7 @@ async def _apply_once(run: Run, result: DatabaseResult, expected: Execution, app
     """Connect, take the lock, re-read and apply; record what committed even on failure."""
     target = expected.target
     started = time.monotonic()
-    engine, connection = await run.connect(target)
+    engine, connection = await run.connect(target, adopt=run.handover.take(id(expected)))
     lock = MigrationLock(
         connection, target, lock_key(target.service, expected.version_table, expected.version_schema)
     )
@@ -127,6 +127,7 @@ async def apply_with_retries(
         nonlocal last
         assert expected.plan is not None
         last = expected.again()
+        await _read_under_lock(connection, last)
         try:
             # Start watching well before lock_timeout fires, so the blocker is known by then.
             delay = min(0.25, entry.lock_timeout_s / 4) if entry.lock_timeout_s else 0.25
@@ -154,6 +155,21 @@ async def apply_with_retries(
         reraise=True,
     )
     return await retrying(attempt)
+
+
+async def _read_under_lock(connection: AsyncConnection, execution: Execution) -> None:
+    """Read the version table once, under the lock, for Alembic to start from (job.envpy).
+
+    Read again for each attempt: a retried attempt starts where the last one's commits left it.
+    """
+    from job import recorder
+
+    schema = execution.version_schema
+    heads, has_history = await db.read_version(
+        await db.driver(connection), execution.version_table, schema, recorder.table_name(schema)
+    )
+    execution.known_heads = heads
+    execution.history_exists = execution.history_exists or has_history
 
 
 def _log_lock_retry(target: Target, state: Any) -> None:

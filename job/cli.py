@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -87,6 +89,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.log_summary(code)
         logging.shutdown()
     return code
+
+
+def entry() -> None:
+    """Run the command line as a process (``migrate-job``, ``python -m job``) and end it at once.
+
+    By the time main returns, the summary is written and every connection, worker and thread the
+    run started is closed. What is left is the interpreter's own teardown of some thousand modules,
+    0.1 to 0.3 s that Cloud Run would bill to every execution and task: os._exit skips it.
+    """
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        # A closed or broken pipe: nothing more can be said there.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def _setting_error(exc: ValidationError) -> ConfigError:

@@ -184,16 +184,20 @@ def server_settings(target: Target, application_name: str | None = None) -> dict
 
 
 async def connect(
-    target: Target, *, timeout_s: float, application_name: str
+    target: Target, *, timeout_s: float, application_name: str, adopt: Any = None
 ) -> tuple[AsyncEngine, AsyncConnection]:
-    """Return an open connection on the run's engine for its server, retrying transient failures."""
+    """Return an open connection on the run's engine for its server, retrying transient failures.
+
+    adopt: an open asyncpg connection to the target (the preflight's, job.handover) to use instead
+    of logging in again; it was opened with the same login and session settings.
+    """
     from job import engines
 
     settings = server_settings(target, application_name)
     login = {"timeout": min(10.0, timeout_s), "server_settings": settings, **iam.login_args(target.entry)}
     login.update(tls.connect_args(target))
     engine = engines.engine_for(target.url, login)
-    engines.connecting_to(target.database)
+    engines.connecting_to(target.database, adopt)
     return engine, await with_retries(target, timeout_s, engine.connect)
 
 

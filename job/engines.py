@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 # The database the current task is connecting to (each asyncio task has its own copy).
 _database: ContextVar[str | None] = ContextVar("migrate_job_database", default=None)
+# An open asyncpg connection the task's next connection adopts instead of logging in (once).
+_adopt: ContextVar[Any] = ContextVar("migrate_job_adopt", default=None)
 _engines: dict[tuple[str, str], AsyncEngine] = {}
 
 
@@ -37,9 +39,10 @@ def engine_for(url: URL, connect_args: dict[str, Any]) -> AsyncEngine:
     return engine
 
 
-def connecting_to(database: str | None) -> None:
-    """Say which database the current task's next connections are for."""
+def connecting_to(database: str | None, adopt: Any = None) -> None:
+    """Say which database the current task's next connections are for (and an open one to adopt)."""
     _database.set(database)
+    _adopt.set(adopt)
 
 
 def _name_database(dialect: Dialect, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
@@ -48,3 +51,11 @@ def _name_database(dialect: Dialect, record: Any, cargs: Any, cparams: dict[str,
     if database is None:
         raise RuntimeError("a shared engine connected without a database (call engines.connecting_to first)")
     cparams["database"] = database
+    adopted = _adopt.get()
+    if adopted is not None:
+        _adopt.set(None)  # once: a reconnect after a lost connection logs in afresh
+
+        async def handed_over(*args: Any, **kwargs: Any) -> Any:
+            return adopted
+
+        cparams["async_creator_fn"] = handed_over

@@ -9,24 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 import warnings
 from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from job import db, iam, logs, tls
+from job import db, logs
 from job.errors import ConfigError, MigrateJobError, MigrationFailed
 from job.plan import DONE, Direction, Plan, Step, compute_plan
 from job.report import elapsed_ms
 from job.services import outside_transaction
 
 if TYPE_CHECKING:
-    from alembic.config import Config
     from alembic.runtime.migration import MigrationContext, MigrationStep
-    from sqlalchemy.engine import Connection, Dialect
+    from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncConnection
 
     from job.batching import Batch
@@ -66,6 +63,9 @@ class Execution:
     check_edits: bool = True  # the preflight refuses applied revisions edited since they ran
     history_exists: bool = False  # the preflight saw migrate_job_history (no need to create it)
     batch: Batch | None = None  # the running revision's statements not sent yet (job.batching)
+    # The version table's rows as the job read them under the lock (one query), so that Alembic
+    # does not read them again; None: Alembic reads them (preflights, offline, other tables).
+    known_heads: tuple[str, ...] | None = None
     observer: StepObserver | None = None  # watches each step (trace), which then is not logged as applied
 
     def __call__(self, heads: tuple[str, ...], context: MigrationContext) -> Iterator[MigrationStep]:
@@ -96,7 +96,16 @@ class Execution:
 
     def again(self) -> Execution:
         """Return a fresh apply pass that expects this pass's plan (the database may have moved)."""
-        return replace(self, apply=True, expected=self.plan, plan=None, applied=[], running=None, batch=None)
+        return replace(
+            self,
+            apply=True,
+            expected=self.plan,
+            plan=None,
+            applied=[],
+            running=None,
+            batch=None,
+            known_heads=None,
+        )
 
     def _steps(self, plan: Plan) -> Iterator[MigrationStep]:
         """Yield the plan's steps; Alembic resumes us only after a step's transaction committed."""
@@ -193,23 +202,31 @@ def _run_env(connection: Connection | None, execution: Execution) -> None:
 
     The cookbook shape takes the live connection from ``config.attributes``; the templates build
     their own engine from ``sqlalchemy.url`` or ``DATABASE_URL``, and that engine's connections
-    log in as the job's own do (_EnvConnections).
+    log in as the job's own do (envpy.EnvConnections).
     """
-    from alembic.runtime.environment import EnvironmentContext
-
-    from job import batching  # noqa: F401 (registers its Alembic impl before env.py configures one)
+    from job import (
+        batching,  # noqa: F401 (registers its Alembic impl before env.py configures one)
+        envpy,
+    )
 
     service = execution.service
     config = service.config()
     if connection is not None:
         config.attributes["connection"] = connection
     with (
-        _handing_url(config, execution.target.url.render_as_string(hide_password=False)),
-        _EnvConnections(execution.target),
-        _job_owns_logging(),
+        envpy.handing_url(config, execution.target.url.render_as_string(hide_password=False)),
+        envpy.EnvConnections(execution.target),
+        envpy.job_owns_logging(),
         logs.scoped(**execution.target.fields()),
         _batching_ends(connection),
-        EnvironmentContext(config, service.script, fn=execution, dont_mutate=not execution.apply),
+        envpy.environment_context(
+            config,
+            service.script,
+            execution.known_heads,
+            (execution.version_table, execution.version_schema),
+            fn=execution,
+            dont_mutate=not execution.apply,
+        ),
     ):
         service.script.run_env()
 
@@ -224,104 +241,6 @@ def _batching_ends(connection: Connection | None) -> Iterator[None]:
     finally:
         if connection is not None:
             batching.stop(connection)
-
-
-@contextlib.contextmanager
-def _handing_url(config: Config, url: str) -> Iterator[None]:
-    """Give env.py the target's URL both ways shapes read it: ``sqlalchemy.url`` and ``DATABASE_URL``.
-
-    Set for offline rendering too, so a ``DATABASE_URL`` left in the job's environment is never read.
-    """
-    config.set_main_option("sqlalchemy.url", url)  # the job's Config doubles the URL's % for ConfigParser
-    with _environment(DATABASE_URL=url):
-        yield
-
-
-class _EnvConnections:
-    """While env.py runs, connections it opens itself get the entry's login and session settings.
-
-    A class-level SQLAlchemy ``do_connect`` listener (registered once) gives them the IAM token
-    (a fresh one per connection), the owner role and the timeouts, as the job's own connections
-    have them. It also refuses a connection to another database than the target, e.g. from a URL
-    that a settings module read at import and kept for the next database.
-    """
-
-    current: ContextVar[Target | None] = ContextVar("migrate_job_env_target", default=None)
-    listening = False
-
-    def __init__(self, target: Target) -> None:
-        self.target = target
-        self.token: Any = None
-
-    def __enter__(self) -> None:
-        if not _EnvConnections.listening:
-            from sqlalchemy import event
-            from sqlalchemy.engine import Engine
-
-            event.listen(Engine, "do_connect", _EnvConnections.on_connect)
-            _EnvConnections.listening = True
-        self.token = self.current.set(self.target)
-
-    def __exit__(self, *exc: object) -> None:
-        self.current.reset(self.token)
-
-    @classmethod
-    def on_connect(cls, dialect: Dialect, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
-        """Add the target's login to the arguments of a connection env.py opens (do_connect)."""
-        target = cls.current.get()
-        if target is None:
-            return
-        entry = target.entry
-        where = (cparams.get("database"), cparams.get("user"))
-        if where != (target.database, target.url.username):
-            raise MigrationFailed(
-                f"env.py of service {entry.service} connected to database {where[0]} as {where[1]}, "
-                f"but the job is migrating {target.database} as {target.url.username}",
-                hint="env.py must connect with the URL the job hands it when it runs (sqlalchemy.url or "
-                "DATABASE_URL), not one read earlier (a settings object made at import keeps the first)",
-                service=entry.service,
-                database=entry.database,
-            )
-        if dialect.driver == "asyncpg":
-            cparams.update(iam.login_args(entry))
-            cparams.setdefault("ssl", tls.connect_args(target)["ssl"])
-            cparams["server_settings"] = {**db.server_settings(target), **cparams.get("server_settings", {})}
-        elif entry.auth == "iam" or entry.owner:
-            raise MigrationFailed(
-                f'env.py of service {entry.service} connects with {dialect.driver}; auth = "iam" and owner '
-                "need asyncpg, the driver of the URL the job hands env.py",
-                hint="build the engine from sqlalchemy.url or DATABASE_URL as given",
-                service=entry.service,
-                database=entry.database,
-            )
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the duration (env.py files that read DATABASE_URL)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
-
-
-@contextlib.contextmanager
-def _job_owns_logging() -> Iterator[None]:
-    """Make logging.config.fileConfig a no-op while env.py runs: it would replace the job's logs."""
-    import logging.config
-
-    original = logging.config.fileConfig
-    logging.config.fileConfig = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        logging.config.fileConfig = original
 
 
 def offline_target(service: Service) -> Target:
@@ -340,6 +259,8 @@ def render_sql(execution: Execution, start: tuple[str, ...]) -> str:
 
     from alembic.runtime.environment import EnvironmentContext
 
+    from job import envpy
+
     service = execution.service
     config = service.config()
     url = execution.target.url.set(password=None).render_as_string(hide_password=False)
@@ -354,8 +275,8 @@ def render_sql(execution: Execution, start: tuple[str, ...]) -> str:
         )
     try:
         with (
-            _handing_url(config, url),
-            _job_owns_logging(),
+            envpy.handing_url(config, url),
+            envpy.job_owns_logging(),
             EnvironmentContext(
                 config,
                 service.script,

@@ -1,7 +1,8 @@
 """The read-only preflight: every selected database's revision and plan, before anything changes.
 
 The first database of each service is read through its ``env.py`` (which says where the version
-table is); every other one with one query on a plain connection, several at a time. Applied
+table is) unless the service ships the blessed env.py (Alembic's default table); every other one
+with one query on a plain connection, several at a time. Applied
 revisions edited since they ran stop the run here (``migrate_job_history`` checksums).
 """
 
@@ -53,7 +54,9 @@ async def inspect_all(
     first: dict[str, Execution] = {}
     read: set[int] = set()
     for result, execution in inspected:
-        if execution.service.name not in first:
+        # A service that ships the blessed env.py keeps Alembic's default version table: its
+        # databases are all read with one query, and a run at head never runs env.py at all.
+        if execution.service.name not in first and not execution.service.env_is_blessed():
             read.add(id(execution))
             # A tolerated failure of a service's first database: the next one is read through env.py.
             if await _inspect_or_skip(run, result, execution, allow_ahead, failures):
@@ -64,9 +67,12 @@ async def inspect_all(
 
     async def quick(result: DatabaseResult, execution: Execution) -> None:
         async with limit:
-            known = first[execution.service.name]
-            execution.version_table, execution.version_schema = known.version_table, known.version_schema
+            known = first.get(execution.service.name)
+            if known is not None:
+                execution.version_table, execution.version_schema = known.version_table, known.version_schema
             await _inspect_or_skip(run, result, execution, allow_ahead, failures, quick=True)
+        if on_work is not None and execution.plan is not None and execution.plan.pending:
+            on_work()
 
     rest = [(r, e) for r, e in inspected if id(e) not in read]
     tasks = [asyncio.ensure_future(quick(r, e)) for r, e in rest]
@@ -172,6 +178,7 @@ async def _inspect_quick(run: Run, result: DatabaseResult, execution: Execution)
     target = execution.target
     started = time.monotonic()
     connection = await _failing(result, run.connect_raw(target))
+    kept = False
     try:
         _log_connected(target, started)
         schema = execution.version_schema
@@ -181,6 +188,9 @@ async def _inspect_quick(run: Run, result: DatabaseResult, execution: Execution)
         execution.history_exists = has_history
         if has_history and heads and execution.check_edits:
             await recorder.check(connection.fetch, execution.service, schema, heads, target.entry.label)
+        plan = execution.plan_from(heads)
+        # With work to do, the apply may use this connection (job.handover) instead of its own.
+        kept = plan.pending and await run.handover.keep(id(execution), target.entry.location, connection)
     except MigrateJobError as exc:
         result.status, result.error = "failed", exc.message
         raise
@@ -188,11 +198,11 @@ async def _inspect_quick(run: Run, result: DatabaseResult, execution: Execution)
         result.status, result.error = "failed", db.describe(exc)
         raise db.connect_error(target, exc, time.monotonic() - started) from exc
     finally:
-        await close_raw(connection)
+        if not kept:
+            await close_raw(connection)
         result.duration_ms += elapsed_ms(started)
-    execution.plan_from(heads)
-    result.from_revision = execution.plan.from_revision if execution.plan else None
-    result.record(execution.plan, [])
+    result.from_revision = plan.from_revision
+    result.record(plan, [])
 
 
 async def _inspect(run: Run, result: DatabaseResult, execution: Execution) -> None:

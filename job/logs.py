@@ -179,17 +179,13 @@ class _Scrubbing(logging.Handler):
 
 
 def _structured_handler(stream: TextIO, labels: Mapping[str, str]) -> logging.Handler:
-    """Return google-cloud-logging's structured handler, masking secrets, without its banner."""
-    from google.cloud.logging_v2.handlers import StructuredLogHandler
+    """Return the Cloud Logging structured handler (job.structured), masking secrets."""
+    from job.structured import StructuredHandler
 
-    class Handler(_Scrubbing, StructuredLogHandler):
-        """StructuredLogHandler that masks secrets and skips the one-off diagnostic line."""
+    class Handler(_Scrubbing, StructuredHandler):
+        """StructuredHandler that masks secrets."""
 
-        def emit(self, record: logging.LogRecord) -> None:
-            # The library's first-line diagnostic entry has no event; every stdout line must.
-            logging.StreamHandler.emit(self, record)
-
-    return Handler(stream=stream, labels=dict(labels))
+    return Handler(stream, labels)
 
 
 class TextFormatter(logging.Formatter):

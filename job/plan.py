@@ -67,6 +67,9 @@ def compute_plan(
 ) -> Plan:
     """Return the plan from current to target; raise HistoryError on an unknown history."""
     head = service.head()
+    if direction == "up" and target == "head" and head is not None and current == (head,):
+        # At head, the usual case: nothing to plan, and the scripts need not be loaded for it.
+        return Plan(service.name, current, head, (), (), "up")
     _check_known(service, current)
     if direction == "up" and target == "head":
         return _plan(service, current, head, "up", HistoryError)

@@ -130,6 +130,8 @@ def row(service: str, revision: str, direction: str, digest: str | None, who: Id
 
 def file_checksum(service: Service, revision: str) -> str | None:
     """Return the checksum of a revision's file in the image (None for no such revision)."""
+    if service.index is not None and revision in service.index.files:
+        return checksum(service.index.files[revision])
     try:
         script = service.script.get_revision(revision)
     except Exception:
@@ -323,6 +325,11 @@ def edits(service: Service, records: dict[str, Record], applied: set[str]) -> li
 def applied_revisions(service: Service, heads: tuple[str, ...]) -> set[str]:
     """Return every revision at or below the heads (what the database has applied)."""
     found: set[str] = set()
+    index = service.index
+    if index is not None and all(h in index.parents for h in heads):
+        for head in heads:
+            found |= index.ancestry(head)
+        return found
     for head in heads:
         try:
             found.update(s.revision for s in service.script.revision_map.iterate_revisions(head, "base"))

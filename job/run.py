@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from job import db, logs, recorder, version
 from job.errors import ConfigError
+from job.handover import Handover
 from job.manifest import (
     NAME_PATTERN,
     DatabaseEntry,
@@ -54,9 +55,12 @@ class Run:
     # Every task's selection (all shares): what the tasks of one execution share a canary over.
     selected: list[DatabaseEntry] = field(default_factory=list)
     resolver: SecretResolver = field(init=False)
+    # Preflight connections kept for the apply (job.handover); a command that applies enables it.
+    handover: Handover = field(init=False)
 
     def __post_init__(self) -> None:
         self.resolver = SecretResolver(self.settings.secret_manager_endpoint)
+        self.handover = Handover(enabled=False)
 
     @property
     def socket_root(self) -> Path:
@@ -91,12 +95,13 @@ class Run:
                 resolve_revision(service, destination)
         return [db.resolve_target(e, self.manifest, self.resolver, self.socket_root) for e in self.entries]
 
-    async def connect(self, target: db.Target) -> tuple[AsyncEngine, AsyncConnection]:
-        """Open a connection to a target with the run's timeout and application_name."""
+    async def connect(self, target: db.Target, adopt: Any = None) -> tuple[AsyncEngine, AsyncConnection]:
+        """Open a connection to a target with the run's timeout and application_name (or adopt one)."""
         return await db.connect(
             target,
             timeout_s=self.settings.connect_timeout_s,
             application_name=self.cloud_run.application_name(),
+            adopt=adopt,
         )
 
     async def connect_raw(self, target: db.Target) -> Any:
@@ -240,16 +245,23 @@ def kept_names(entry: DatabaseEntry, found: Sequence[Any]) -> list[str]:
 
 
 async def close_raw(connection: Any) -> None:
-    """Close a plain asyncpg connection, bounded in time; a failure to close is not the error."""
+    """Close a plain asyncpg connection at once; a failure to close is not the error.
+
+    Closed by dropping the socket: a graceful close waits for the backend to exit (about 1.5 ms,
+    twice per database), and nothing of the session outlives it either way (an open transaction
+    rolls back, session locks are released).
+    """
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(connection.close(), CLEANUP_S)
+        connection.terminate()
 
 
 async def close(connection: AsyncConnection) -> None:
-    """Close the connection, bounded in time (after a cancel it may be unusable).
+    """Close the connection at once (as close_raw), without the pool's rollback on return.
 
     Its engine stays: the run shares one per server and login (job.engines), and holds no pool.
     """
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.wait_for(connection.invalidate(), CLEANUP_S)
     with contextlib.suppress(Exception, asyncio.CancelledError):
         await asyncio.wait_for(connection.close(), CLEANUP_S)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from job.errors import ConfigError, HistoryError
+from job.revisions import Index, read_index
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -44,6 +45,15 @@ class Service:
                 service=self.name,
             ) from exc
 
+    @cached_property
+    def index(self) -> Index | None:
+        """Return the history read from the files' text (job.revisions), or None where only Alembic can."""
+        return read_index(self.ini)
+
+    def env_is_blessed(self) -> bool:
+        """Return whether the service ships the blessed env.py (the version table is Alembic's default)."""
+        return self.index is not None and self.index.blessed_env()
+
     def knows(self, revision: str) -> bool:
         """Return whether a revision id is in the service's scripts."""
         try:
@@ -54,7 +64,8 @@ class Service:
     def head(self) -> str | None:
         """Return the single head revision (None for an empty history); raise HistoryError if many."""
         try:
-            heads = self.script.get_heads()
+            # The index when it reads this history exactly: a run at head then never loads Alembic.
+            heads = list(self.index.heads) if self.index is not None else self.script.get_heads()
         except ConfigError:
             raise
         except Exception as exc:

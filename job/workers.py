@@ -52,7 +52,7 @@ PRELOAD = [
     "alembic.config",
     "alembic.runtime.environment",
     "alembic.script",
-    "google.cloud.logging_v2.handlers",
+    "job.structured",
     "sqlalchemy.ext.asyncio",
     "sqlalchemy.dialects.postgresql.asyncpg",
     "asyncpg",

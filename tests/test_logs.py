@@ -9,7 +9,6 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
-import google.cloud.logging_v2
 import pytest
 
 from job import logs
@@ -28,8 +27,6 @@ def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     context, secrets = dict(logs._context), set(logs._secrets)
     logs._context.clear()
     logs._secrets.clear()
-    # As in a fresh process: google-cloud-logging has not yet written its one-off diagnostic line.
-    monkeypatch.setattr(google.cloud.logging_v2, "_instrumentation_emitted", False)
     yield
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -88,7 +85,7 @@ def test_event_writes_one_structured_line() -> None:
 
 
 def test_no_diagnostic_line() -> None:
-    """google-cloud-logging writes a diagnostic entry before its first line; it has no event: not here."""
+    """The library's handler writes a diagnostic entry before its first line, with no event: not here."""
     stream = json_setup()
 
     logs.event("run.start", "migrate-job upgrade on 3 database(s) of dev.toml.")

@@ -13,13 +13,38 @@ Every command takes the run context (``job.run.Run``) first; nothing below this 
 
 from __future__ import annotations
 
-from job.commands.authoring import merge, new_service, revision, show
-from job.commands.changes import acknowledge, downgrade, reset, stamp, upgrade
-from job.commands.guardrails import check, verify
-from job.commands.render import lint, sql
-from job.commands.reports import applied_history, current, heads, history, plan
-from job.commands.tracing import trace
-from job.run import Run, discover_databases, prepare
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from job.commands.authoring import merge, new_service, revision, show
+    from job.commands.changes import acknowledge, downgrade, reset, stamp, upgrade
+    from job.commands.guardrails import check, verify
+    from job.commands.render import lint, sql
+    from job.commands.reports import applied_history, current, heads, history, plan
+    from job.commands.tracing import trace
+    from job.run import Run, discover_databases, prepare
+
+# Where each name lives. A run imports only its command's module: authoring alone pulls in the
+# scratch databases' SQLAlchemy engine, tracing the lock rules; an upgrade needs neither.
+_HOMES = {
+    **dict.fromkeys(("merge", "new_service", "revision", "show"), "authoring"),
+    **dict.fromkeys(("acknowledge", "downgrade", "reset", "stamp", "upgrade"), "changes"),
+    **dict.fromkeys(("check", "verify"), "guardrails"),
+    **dict.fromkeys(("lint", "sql"), "render"),
+    **dict.fromkeys(("applied_history", "current", "heads", "history", "plan"), "reports"),
+    "trace": "tracing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Return a command (or the run's helpers), importing its module on first use."""
+    if name in ("Run", "discover_databases", "prepare"):
+        return getattr(importlib.import_module("job.run"), name)
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"job.commands.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Run",

@@ -152,9 +152,12 @@ async def _change(
     from job import sharing
 
     ledger = await sharing.begin(run, canary)
+    # In one process, each database's preflight connection is kept for its apply (job.handover).
+    run.handover.enabled = run.jobs <= 1
     try:
         await _change_shared(run, destination, direction, allow_ahead, canary, ledger)
     finally:
+        run.handover.close()
         if ledger is not None:
             await ledger.close()
 

@@ -1,0 +1,104 @@
+"""Tests for job/handover.py: one connection per database, within a budget, without weakening the preflight.
+
+A release that adds one revision to many databases paid two logins per database (read, then
+apply). These tests pin down that a sequential run now logs in once per database, that what it
+keeps open is bounded, and that a kept connection that died is replaced rather than used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncpg
+
+from job.handover import Handover
+from tests.conftest import Database
+from tests.support import HEADS, run_job
+from tests.test_fanout import manifest_env
+
+
+def _sessions(database: Database) -> int:
+    """Return how many sessions the server has counted on the database (read from another one)."""
+    rows = database.pg.fetch("SELECT sessions FROM pg_stat_database WHERE datname = $1", database.name)
+    return int(rows[0]["sessions"])
+
+
+def _settled_sessions(database: Database, at_least: int) -> int:
+    """Return the database's session count once the ended sessions have all been counted."""
+    deadline = time.monotonic() + 10
+    count = _sessions(database)
+    while count < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+        count = _sessions(database)
+    time.sleep(0.3)  # a second session, had there been one, would be counted by now
+    return _sessions(database)
+
+
+def test_a_sequential_run_logs_in_once_per_database(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """The preflight's connection applies: each database sees one session, yet every one was read first."""
+    made = [make_database(service) for service in ("settlement", "risk-engine", "compliance")]
+    before = [_sessions(d) for d in made]
+    run = run_job(env=manifest_env(job_env, tmp_path, [d.entry() for d in made]))
+    assert run.code == 0, run.stdout[-3000:]
+    assert [_settled_sessions(d, b + 1) - b for d, b in zip(made, before, strict=True)] == [1, 1, 1]
+    assert all(d.version() == [HEADS[d.service]] for d in made)
+    # Still read first: every plan line comes before the first change.
+    events = [e["event"] for e in run.lines if e.get("event") in ("db.plan", "lock.acquired")]
+    assert events == ["db.plan"] * 3 + ["lock.acquired"] * 3
+
+
+def _connect(database: Database) -> asyncpg.Connection:
+    """Return a plain connection to the database, as the preflight opens one."""
+    return asyncpg.connect(database.pg.scratch_url(database.name))  # type: ignore[no-any-return]
+
+
+def test_the_budget_bounds_what_is_kept(make_database: Callable[..., Database]) -> None:
+    """Past the server's budget a connection is not kept (the apply opens its own); disabled keeps none."""
+    database = make_database("settlement")
+
+    async def scenario() -> None:
+        first, second = await _connect(database), await _connect(database)
+        handover = Handover(enabled=True, budgets={"s": 1})
+        assert await handover.keep(1, "s", first)
+        assert not await handover.keep(2, "s", second)
+        assert handover.take(1) is first and handover.take(1) is None
+        assert not await Handover(enabled=False).keep(3, "s", second)
+        await first.close()
+        await second.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_budget_is_a_share_of_max_connections(make_database: Callable[..., Database]) -> None:
+    """The services keep most of the server: the run holds at most a quarter of max_connections."""
+    database = make_database("settlement")
+
+    async def scenario() -> int:
+        connection = await _connect(database)
+        handover = Handover(enabled=True)
+        await handover.keep(1, "s", connection)
+        handover.close()
+        assert connection.is_closed()  # close() ends what was never handed over
+        return handover.budgets["s"]
+
+    limit = int(database.pg.fetch("SHOW max_connections")[0]["max_connections"])
+    assert asyncio.run(scenario()) == min(100, limit // 4)
+
+
+def test_a_kept_connection_that_died_is_not_handed_over(make_database: Callable[..., Database]) -> None:
+    """A server restart between preflight and apply: the apply logs in afresh instead."""
+    database = make_database("settlement")
+
+    async def scenario() -> None:
+        connection = await _connect(database)
+        handover = Handover(enabled=True, budgets={"s": 5})
+        assert await handover.keep(1, "s", connection)
+        connection.terminate()
+        assert handover.take(1) is None
+
+    asyncio.run(scenario())
