@@ -13,8 +13,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from job import db, logs, pgerrors
 from job.blockers import BlockerWatch, is_lock_timeout
 from job.errors import MigrateJobError, MigrationFailed
@@ -69,7 +67,7 @@ async def _apply_once(run: Run, result: DatabaseResult, expected: Execution, app
         if expected.recorder is not None:
             expected.recorder.guard = lock.guard_sql(await db.backend_pid(connection))
         execution = await apply_with_retries(engine, connection, expected, applied)
-    except (SQLAlchemyError, OSError) as exc:
+    except (_sqlalchemy_error(), OSError) as exc:
         # Taking or polling the lock failed below the migration: the connection broke.
         result.status, result.error = "failed", db.describe(exc)
         raise db.connect_error(target, exc, time.monotonic() - started) from exc
@@ -83,6 +81,13 @@ async def _apply_once(run: Run, result: DatabaseResult, expected: Execution, app
         result.duration_ms += elapsed_ms(started)
         result.record(execution.plan or execution.expected, applied)
     result.status, result.error = (DONE[expected.direction] if applied else "current"), None
+
+
+def _sqlalchemy_error() -> type[Exception]:
+    """Return SQLAlchemy's base error (imported when a database is applied, not at start-up)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return SQLAlchemyError
 
 
 async def _release(lock: MigrationLock) -> None:

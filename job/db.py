@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,89 @@ BUSY, BUSY_S = "53300", 900.0
 
 
 @dataclass(frozen=True)
+class Address:
+    """Where and as whom to connect: the parts of the target's URL, for a plain asyncpg connection.
+
+    The read-only preflight connects with these alone; SQLAlchemy (whose import is some 0.1 s of
+    every start) is loaded only when a URL is needed (display, env.py, applying).
+    """
+
+    username: str | None
+    password: str | None
+    database: str | None
+    host: str | None = None
+    port: int | None = None
+    query: tuple[tuple[str, str], ...] = ()
+
+    def get(self, key: str) -> str | None:
+        """Return a query parameter of the URL (host: the socket directory; ssl: the TLS mode)."""
+        return dict(self.query).get(key)
+
+    def display(self) -> str:
+        """Return the URL as SQLAlchemy renders it with the password hidden (render_as_string)."""
+        from urllib.parse import quote, quote_plus
+
+        shown = DRIVER + "://"
+        if self.username is not None:
+            shown += quote(self.username, safe=" +") + (":***" if self.password is not None else "") + "@"
+        if self.host is not None:
+            shown += f"[{self.host}]" if ":" in self.host else self.host
+        if self.port is not None:
+            shown += f":{self.port}"
+        if self.database is not None:
+            shown += "/" + quote(self.database, safe=" +/")
+        if self.query:
+            shown += "?" + "&".join(f"{quote_plus(k)}={quote_plus(v)}" for k, v in sorted(self.query))
+        return shown
+
+    def to_url(self) -> URL:
+        """Return the SQLAlchemy URL (asyncpg driver) of these parts."""
+        from sqlalchemy.engine import URL
+
+        return URL.create(
+            DRIVER,
+            username=self.username,
+            password=self.password,
+            host=self.host,
+            port=self.port,
+            database=self.database,
+            query=dict(self.query),
+        )
+
+    @classmethod
+    def of(cls, url: URL) -> Address:
+        """Return the parts of a SQLAlchemy URL."""
+        query = tuple((k, v if isinstance(v, str) else v[-1]) for k, v in url.query.items())
+        return cls(url.username, url.password, url.database, url.host, url.port, query)
+
+
+@dataclass(frozen=True)
 class Target:
-    """A database ready to connect to; ``url`` holds the password, ``display`` never does."""
+    """A database ready to connect to; ``url`` holds the password, ``display`` never does.
+
+    Made from a SQLAlchemy URL (given_url) or from its parts (parts): the URL is built on first use.
+    """
 
     entry: DatabaseEntry
-    url: URL
+    given_url: URL | None = None
     ssl_root: str | None = None  # the CA certificate (PEM, public) the entry's sslrootcert names
+    parts: Address | None = None
+
+    def __post_init__(self) -> None:
+        if self.parts is None:
+            assert self.given_url is not None, "a target needs a URL or its parts"
+            object.__setattr__(self, "parts", Address.of(self.given_url))
+
+    @property
+    def address(self) -> Address:
+        """Return where and as whom to connect, without SQLAlchemy."""
+        assert self.parts is not None
+        return self.parts
+
+    @functools.cached_property
+    def url(self) -> URL:
+        """Return the SQLAlchemy URL (built from the parts on first use)."""
+        return self.given_url if self.given_url is not None else self.address.to_url()
 
     @property
     def service(self) -> str:
@@ -51,7 +129,7 @@ class Target:
     @property
     def display(self) -> str:
         """Return the URL with the password hidden."""
-        return self.url.render_as_string(hide_password=True)
+        return self.address.display()
 
     def fields(self) -> dict[str, Any]:
         """Return the fields that identify this database in log lines."""
@@ -66,44 +144,34 @@ def resolve_target(
     """Return the entry's target with its secrets read; raise SecretError if one cannot be."""
     try:
         if entry.auth == "iam":  # no secret to read: the job's identity, a token per connection
-            url = build_url(entry, iam.identity(entry.user).user, None, socket_root)
+            parts = build_address(entry, iam.identity(entry.user).user, None, socket_root)
         elif entry.url is not None:
             raw = resolver.resolve(manifest.reference(entry.url))
-            url = url_from_secret(raw, entry)
+            parts = Address.of(url_from_secret(raw, entry))
         else:
             assert entry.user is not None and entry.password is not None
             user = resolver.resolve(manifest.reference(entry.user), secret=False).get_secret_value()
             password = resolver.resolve(manifest.reference(entry.password))
-            url = build_url(entry, user, password, socket_root)
+            parts = build_address(entry, user, password, socket_root)
         root = entry.sslrootcert and resolver.resolve(manifest.reference(entry.sslrootcert), secret=False)
     except SecretError as exc:
         exc.service, exc.database = entry.service, entry.database
         raise
-    return Target(entry, url, root.get_secret_value() if root else None)
+    return Target(entry, None, root.get_secret_value() if root else None, parts)
 
 
 def build_url(entry: DatabaseEntry, user: str, password: SecretStr | None, socket_root: Path) -> URL:
     """Return the asyncpg URL for an entry: Cloud SQL socket directory or TCP host."""
-    from sqlalchemy.engine import URL
+    return build_address(entry, user, password, socket_root).to_url()
 
+
+def build_address(entry: DatabaseEntry, user: str, password: SecretStr | None, socket_root: Path) -> Address:
+    """Return where an entry's database is: its Cloud SQL socket directory, or its TCP host."""
     secret = password.get_secret_value() if password is not None else None
     if entry.instance is not None:
         check_socket_path(entry, socket_root / entry.instance / SOCKET_FILE)
-        return URL.create(
-            DRIVER,
-            username=user,
-            password=secret,
-            database=entry.database,
-            query={"host": str(socket_root / entry.instance)},
-        )
-    return URL.create(
-        DRIVER,
-        username=user,
-        password=secret,
-        host=entry.host,
-        port=entry.port,
-        database=entry.database,
-    )
+        return Address(user, secret, entry.database, query=(("host", str(socket_root / entry.instance)),))
+    return Address(user, secret, entry.database, entry.host, entry.port)
 
 
 # The kernel's limit for a unix socket path (sun_path), including the final NUL.
@@ -205,14 +273,13 @@ async def connect_raw(target: Target, *, timeout_s: float, application_name: str
     """Return a plain asyncpg connection (no SQLAlchemy), for the one-query read-only checks."""
     import asyncpg
 
-    url = target.url
-    query = dict(url.query)
+    where = target.address
     kwargs: dict[str, Any] = {
-        "user": url.username,
-        "password": url.password,
-        "database": url.database,
-        "host": query.get("host") or url.host,
-        "port": url.port,
+        "user": where.username,
+        "password": where.password,
+        "database": where.database,
+        "host": where.get("host") or where.host,
+        "port": where.port,
         "timeout": min(10.0, timeout_s),
         "server_settings": server_settings(target, application_name),
         **iam.login_args(target.entry),

@@ -27,10 +27,10 @@ def mode(target: Target) -> str:
     """Return the sslmode a target connects with: the entry's, the URL's, else by transport."""
     if target.entry.sslmode is not None:
         return target.entry.sslmode
-    in_url = target.url.query.get("ssl")
+    in_url = target.address.get("ssl")
     if isinstance(in_url, str):
         return in_url
-    socket = target.url.query.get("host")
+    socket = target.address.get("host")
     if target.entry.instance or (isinstance(socket, str) and socket.startswith("/")):
         return "disable"
     return "require"

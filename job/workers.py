@@ -149,7 +149,7 @@ def apply_one(task: Task) -> Outcome:
 
     The pool's entry point: a module-level function, so it pickles by name.
     """
-    for secret in (task.target.url.password,):
+    for secret in (task.target.address.password,):
         if secret:
             logs.redact(str(secret))
     return asyncio.run(_work(task))

@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from job.db import DRIVER, Target, build_url, connect, is_transient, url_from_secret
+from job.db import DRIVER, Address, Target, build_url, connect, is_transient, url_from_secret
 from job.errors import ConnectError, SecretError
 from job.manifest import DatabaseEntry
 from tests.conftest import INSTANCE, Database
@@ -266,3 +266,20 @@ def test_is_transient_tells_network_trouble_from_a_refused_login(
         raise AssertionError("the wrong password was accepted")
 
     assert is_transient(asyncio.run(refused())) is False
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+asyncpg://u%40x:p%3As@/db%2Fname?host=%2Fcloudsql%2Fp%3Ar%3Ai",
+        "postgresql+asyncpg://user:pw@10.0.0.5:5433/app?ssl=require",
+        "postgresql+asyncpg://user@[::1]:5432/app",
+        "postgresql+asyncpg://user:a%20b+c@host/db%20name?ssl=disable&host=%2Ftmp%2Fx",
+        "postgresql+asyncpg:///db",
+    ],
+)
+def test_the_displayed_url_is_sqlalchemys_without_loading_it(url: str) -> None:
+    """db.connected shows the URL before SQLAlchemy is imported: its rendering must stay SQLAlchemy's."""
+    parsed = make_url(url)
+    assert Address.of(parsed).display() == parsed.render_as_string(hide_password=True)
+    assert Address.of(parsed).to_url() == parsed

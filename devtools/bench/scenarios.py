@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,44 @@ def startup(runs: int) -> dict[str, list[float]]:
     return times
 
 
+# The moments of a one-database run that Cloud Run pays on every execution and every task.
+FIRST_DATABASE_MARKS = ("first connection", "run.summary", "exit after run.summary", "whole run")
+
+
+def one_database(runner: JobRunner, runs: int) -> dict[str, list[float]]:
+    """Time a no-op run on one database at head, runs times: start to first connection, summary to exit.
+
+    Read from the job's own lines as they arrive on a pipe: ``db.connected`` says when the
+    connection was made (its duration_ms before the line), ``run.summary`` when the outcome was
+    written; the process's exit is its wait.
+    """
+    import time
+
+    marks: dict[str, list[float]] = {name: [] for name in FIRST_DATABASE_MARKS}
+    for _ in range(runs):
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "job", "upgrade"], env=runner.env, stdout=subprocess.PIPE, text=True
+        )
+        seen: dict[str, float] = {}
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            now = time.perf_counter() - started
+            event = json.loads(line)
+            if event.get("event") == "db.connected" and "first connection" not in seen:
+                seen["first connection"] = now  # made, and said: the line follows the connection
+            if event.get("event") == "run.summary":
+                seen["run.summary"] = now
+        if proc.wait() != 0 or len(seen) != 2:
+            raise BenchError(f"the one-database no-op exited {proc.returncode}: {sorted(seen)}")
+        ended = time.perf_counter() - started
+        seen["exit after run.summary"] = ended - seen["run.summary"]
+        seen["whole run"] = ended
+        for name in FIRST_DATABASE_MARKS:
+            marks[name].append(seen[name])
+    return marks
+
+
 @dataclass
 class Bench:
     """One benchmark's server, databases and findings, and the variants it times on them."""
@@ -172,6 +211,10 @@ class Bench:
         path = self.workdir / f"{name}.toml"
         path.write_text(render_manifest(databases, self.endpoint, list_form=list_form))
         return JobRunner(path, self.endpoint, len(databases))
+
+    def one_database_runner(self) -> JobRunner:
+        """Return a runner on a manifest of the first database alone."""
+        return self._runner(self.databases[:1], list_form=False, name="one")
 
     def job_runner(self) -> JobRunner:
         """Return a runner on a manifest the job accepts: per-service lists, else one block each."""
