@@ -56,7 +56,7 @@ async def _apply_once(run: Run, result: DatabaseResult, expected: Execution, app
     """Connect, take the lock, re-read and apply; record what committed even on failure."""
     target = expected.target
     started = time.monotonic()
-    engine, connection = await run.connect(target, adopt=run.handover.take(id(expected)))
+    engine, connection = await run.handover.connection_for(run.connect, expected)
     lock = MigrationLock(
         connection, target, lock_key(target.service, expected.version_table, expected.version_schema)
     )
@@ -65,7 +65,8 @@ async def _apply_once(run: Run, result: DatabaseResult, expected: Execution, app
         await db.watch_client(connection)
         await lock.acquire(run.settings.lock_wait_s)
         if expected.recorder is not None:
-            expected.recorder.guard = lock.guard_sql(await db.backend_pid(connection))
+            holder = await db.backend_pid(connection)
+            expected.recorder.guard, expected.recorder.holder_pid = lock.guard_sql(holder), holder
         execution = await apply_with_retries(engine, connection, expected, applied)
     except (_sqlalchemy_error(), OSError) as exc:
         # Taking or polling the lock failed below the migration: the connection broke.

@@ -15,9 +15,18 @@ that the services' own connections keep the rest.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from job.executor import Execution
+
+    # Run.connect: (target, adopt=connection) -> (engine, connection)
+    Connect = Callable[..., Awaitable[tuple[Any, Any]]]
 
 # At most this many connections are kept open on one server, whatever its max_connections.
 MAX_HELD = 100
@@ -33,6 +42,8 @@ class Handover:
     kept: dict[int, Any] = field(default_factory=dict)
     budgets: dict[str, int] = field(default_factory=dict)
     used: dict[str, int] = field(default_factory=dict)
+    # The apply connections being opened ahead, while the database before migrates.
+    opening: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
 
     async def keep(self, key: int, server: str, connection: Any) -> bool:
         """Keep the connection for the execution's apply if the server's budget allows; say if kept."""
@@ -53,12 +64,38 @@ class Handover:
             return None
         return connection
 
-    def close(self) -> None:
+    def prepare(self, connect: Connect, execution: Execution) -> None:
+        """Start opening the execution's apply connection now (the run applies it next).
+
+        A sequential run waits on the server while a revision's statements run and commit; the
+        next database's login (or the wrapping of its kept connection) is done in that time.
+        """
+        key = id(execution)
+        if self.enabled and key not in self.opening:
+            adopt = self.take(key)
+            self.opening[key] = asyncio.ensure_future(connect(execution.target, adopt=adopt))
+
+    async def connection_for(self, connect: Connect, execution: Execution) -> tuple[Any, Any]:
+        """Return the execution's apply (engine, connection): opened ahead, kept, or opened now."""
+        opening = self.opening.pop(id(execution), None)
+        if opening is not None:
+            opened: tuple[Any, Any] = await opening
+            return opened
+        return await connect(execution.target, adopt=self.take(id(execution)))
+
+    async def close(self) -> None:
         """Close every connection not handed over (the run stopped before applying them)."""
         for connection in self.kept.values():
             with contextlib.suppress(Exception):
                 connection.terminate()
         self.kept.clear()
+        for opening in self.opening.values():
+            opening.cancel()
+            with contextlib.suppress(BaseException):
+                _, connection = await opening
+                await connection.invalidate()  # dropped at once, as job.run.close does
+                await connection.close()
+        self.opening.clear()
 
 
 async def _budget(connection: Any) -> int:

@@ -24,6 +24,7 @@ from job.errors import HistoryError
 
 if TYPE_CHECKING:
     from alembic.runtime.migration import MigrationContext, MigrationInfo
+    from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncConnection
 
     from job.errors import MigrationFailed
@@ -167,8 +168,10 @@ class Recorder:
         self.service = service
         self.identity = identity
         self.direction = direction
-        # A statement that fails unless the migration lock is still held (job.lock.guard_sql).
+        # A statement that fails unless the migration lock is still held (job.lock.guard_sql), and
+        # the server process that holds it: a migration on that very session needs no guard.
         self.guard: str | None = None
+        self.holder_pid: int | None = None
         self.schema: str | None = None
 
     async def record_failure(
@@ -258,7 +261,9 @@ class Recorder:
 
         values = row(self.service.name, revision, direction, digest, self.identity)
         create = [create_sql(schema)] if create_table else []
-        create += [self.guard] if self.guard else []
+        if self.guard and not same_session(connection, self.holder_pid):
+            # env.py migrates on a connection of its own: the lock's session may have ended.
+            create.append(self.guard)
         batch = batching.batch_of(connection)
         if batch is not None and batch.open:
             # Sent with the revision's statements and its version move: one round trip in all.
@@ -268,6 +273,26 @@ class Recorder:
         for statement in create:
             connection.execute(text(statement))
         connection.execute(text(insert_sql(schema, [":" + c for c in COLUMNS])), values)
+
+
+def same_session(connection: Connection, pid: int | None) -> bool:
+    """Return whether the connection is the server session pid (the lock's): False if unknown.
+
+    On the lock's own session the lock cannot be lost while the revision runs (the session
+    ending rolls the revision back), so the guard statement (a plpgsql block, some 2 ms on a
+    fresh session) is left out.
+    """
+    if pid is None:
+        return False
+    try:
+        driver = connection.connection.driver_connection
+    except Exception:
+        return False
+    for read in ("get_server_pid", "get_backend_pid"):  # asyncpg, psycopg2
+        if callable(getattr(driver, read, None)):
+            return bool(getattr(driver, read)() == pid)
+    info = getattr(driver, "info", None)  # psycopg 3
+    return getattr(info, "backend_pid", None) == pid
 
 
 @dataclass(frozen=True)

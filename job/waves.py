@@ -8,6 +8,7 @@ the sequential path and the ``--jobs`` pool apply each wave the same way.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import TYPE_CHECKING
 
@@ -98,12 +99,17 @@ async def _in_order(
     """Apply the wave's databases in manifest order in this process, and finish the idle ones."""
     chosen = {id(e) for _, e in wave}
     waiting = {id(e) for _, e in idle}
+    order = [e for _, e in inspected if id(e) in chosen]
+    following = {id(current): after for current, after in itertools.pairwise(order)}
     for result, execution in inspected:
         if id(execution) in chosen:
             if not await failures.may_start(execution.target.entry):
                 # Another task spent the entry's budget: this database is skipped.
                 failures.raise_if_any()
                 continue
+            if id(execution) in following:
+                # Its login overlaps this database's migration (job.handover).
+                run.handover.prepare(run.connect, following[id(execution)])
             try:
                 await apply(run, result, execution)
             except MigrateJobError as exc:

@@ -29,6 +29,7 @@ from job import logs
 
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Lock
+    from pathlib import Path
 
     from job.db import Target
     from job.executor import Execution
@@ -139,8 +140,20 @@ def _start_worker(lock: Lock, fmt: str, labels: dict[str, str], context: dict[st
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _warm() -> int:
-    """Return the worker's pid (submitted once per worker so they start during the preflight)."""
+def _warm(services_dir: Path, names: list[str]) -> int:
+    """Load the services' scripts in this worker; return its pid.
+
+    Submitted once per worker when the pool starts, so that workers start, and read every
+    revision file of the services with work, while the parent's preflight still runs: the
+    first database a worker gets is then only its own work.
+    """
+    from job.services import discover
+
+    if not _services:
+        _services.update(discover(services_dir))
+    for name in names:
+        with contextlib.suppress(Exception):  # a broken history is the preflight's to report
+            _services[name].script.get_heads()
     return os.getpid()
 
 
@@ -257,8 +270,9 @@ class Pool:
         self.manifest = run.manifest.model_copy(update={"databases": ()})
         self.used = False
         # Start every worker now, in parallel, rather than one at a time as tasks arrive.
+        names = [s.name for s in run.selected_services]
         for _ in range(size):
-            self.executor.submit(_warm)
+            self.executor.submit(_warm, run.settings.services_dir, names)
 
     def close(self) -> None:
         """Stop the workers (each finished or stopped already).

@@ -366,3 +366,34 @@ def test_tls_mode_defaults_by_transport() -> None:
     assert mode("postgresql+asyncpg://u@/d?host=/cloudsql/p:r:i") == "disable"
     assert mode("postgresql+asyncpg://u@h/d") == "require"
     assert mode("postgresql+asyncpg://u@h/d?ssl=verify-full") == "verify-full"
+
+
+def test_the_guard_is_left_out_only_on_the_locks_own_session(make_database: Callable[..., Database]) -> None:
+    """On the lock's session the revision cannot outlive the lock: the guard (2 ms a revision) is not run.
+
+    On any other session (an env.py with its own engine), or when the session cannot be told, it is.
+    """
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from job.recorder import same_session
+
+    database = make_database("tiny")
+    url = database.pg.admin_dsn(database.name).replace("postgresql://", "postgresql+asyncpg://", 1)
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as connection:
+                raw = await connection.get_raw_connection()
+                pid = raw.driver_connection.get_server_pid()  # type: ignore[union-attr]
+                return (
+                    await connection.run_sync(same_session, pid),
+                    await connection.run_sync(same_session, pid + 1),
+                    await connection.run_sync(same_session, None),
+                )
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(scenario()) == (True, False, False)

@@ -17,7 +17,7 @@ import asyncpg
 from job.handover import Handover
 from tests.conftest import Database
 from tests.support import HEADS, run_job
-from tests.test_fanout import manifest_env
+from tests.test_fanout import FIXTURE_SERVICES, manifest_env
 
 
 def _sessions(database: Database) -> int:
@@ -82,7 +82,7 @@ def test_the_budget_is_a_share_of_max_connections(make_database: Callable[..., D
         connection = await _connect(database)
         handover = Handover(enabled=True)
         await handover.keep(1, "s", connection)
-        handover.close()
+        await handover.close()
         assert connection.is_closed()  # close() ends what was never handed over
         return handover.budgets["s"]
 
@@ -102,3 +102,20 @@ def test_a_kept_connection_that_died_is_not_handed_over(make_database: Callable[
         assert handover.take(1) is None
 
     asyncio.run(scenario())
+
+
+def test_a_failure_leaves_the_next_database_untouched_and_closes_what_was_opened_ahead(
+    make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    """The next database's connection is opened while one migrates; a failure there must not move it."""
+    made = [make_database("broken"), make_database("altering"), make_database("altering")]
+    env = {
+        **manifest_env(job_env, tmp_path, [d.entry() for d in made]),
+        "MIGRATE_SERVICES_DIR": FIXTURE_SERVICES,
+    }
+    run = run_job(env=env)
+    assert run.code == 7, run.stdout[-3000:]
+    assert [d["status"] for d in run.summary["databases"]] == ["failed", "skipped", "skipped"]
+    assert made[1].version() == [] and made[2].version() == []
+    assert run.stderr == ""  # no task or connection left behind to complain at exit
+    assert [e["database"] for e in run.events("lock.acquired")] == [made[0].name]

@@ -157,7 +157,7 @@ async def _change(
     try:
         await _change_shared(run, destination, direction, allow_ahead, canary, ledger)
     finally:
-        run.handover.close()
+        await run.handover.close()
         if ledger is not None:
             await ledger.close()
 
