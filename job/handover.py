@@ -9,8 +9,10 @@ processes), the apply opens its own connection as before. The guarantee is uncha
 is applied before every selected database was read.
 
 The budget is per server: a quarter of its ``max_connections`` (read once, with the first
-connection kept there), at most ``MAX_HELD``, shared by every manifest entry on that server, so
-that the services' own connections keep the rest.
+connection kept there), at most ``MAX_HELD``, shared by every manifest entry on that server and
+divided among the Cloud Run tasks of the execution (each holds its share at the same time), so
+that the services' own connections keep the rest. Reaching ``max_connections`` would make every
+login wait (SQLSTATE 53300), the services' included.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Handover:
     """The preflight connections kept for the apply, by execution, within each server's budget."""
 
     enabled: bool
+    tasks: int = 1  # the Cloud Run tasks of the execution, each with its share of the budget
     kept: dict[int, Any] = field(default_factory=dict)
     budgets: dict[str, int] = field(default_factory=dict)
     used: dict[str, int] = field(default_factory=dict)
@@ -50,7 +53,7 @@ class Handover:
         if not self.enabled or connection.is_closed():
             return False
         if server not in self.budgets:
-            self.budgets[server] = await _budget(connection)
+            self.budgets[server] = await _budget(connection) // max(1, self.tasks)
         if self.used.get(server, 0) >= self.budgets[server]:
             return False
         self.used[server] = self.used.get(server, 0) + 1

@@ -90,6 +90,21 @@ def test_the_budget_is_a_share_of_max_connections(make_database: Callable[..., D
     assert asyncio.run(scenario()) == min(100, limit // 4)
 
 
+def test_the_tasks_of_an_execution_share_the_budget(make_database: Callable[..., Database]) -> None:
+    """Ten tasks on one server each hold a tenth of the budget: together they stay within it."""
+    database = make_database("settlement")
+
+    async def scenario() -> int:
+        connection = await _connect(database)
+        handover = Handover(enabled=True, tasks=10)
+        await handover.keep(1, "s", connection)
+        await handover.close()
+        return handover.budgets["s"]
+
+    limit = int(database.pg.fetch("SHOW max_connections")[0]["max_connections"])
+    assert asyncio.run(scenario()) == min(100, limit // 4) // 10
+
+
 def test_a_kept_connection_that_died_is_not_handed_over(make_database: Callable[..., Database]) -> None:
     """A server restart between preflight and apply: the apply logs in afresh instead."""
     database = make_database("settlement")

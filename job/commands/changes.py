@@ -153,7 +153,7 @@ async def _change(
 
     ledger = await sharing.begin(run, canary)
     # In one process, each database's preflight connection is kept for its apply (job.handover).
-    run.handover.enabled = run.jobs <= 1
+    run.handover.enabled, run.handover.tasks = run.jobs <= 1, run.cloud_run.task_count
     try:
         await _change_shared(run, destination, direction, allow_ahead, canary, ledger)
     finally:
