@@ -250,18 +250,34 @@ def test_two_executions_with_jobs_apply_each_revision_once(
 def test_a_failure_in_the_pool_stops_new_work_and_the_summary_is_complete(
     make_database: Callable[..., Database], tmp_path: Path, job_env: dict[str, str]
 ) -> None:
-    made = [make_database("broken")] + [make_database("altering") for _ in range(4)]
+    """The other worker is held at a gate until the failure is known: the rest is then never started."""
+    made = [make_database("broken")] + [make_database("slow") for _ in range(3)]
     env = {
-        **manifest_env(job_env, tmp_path, [d.entry() for d in made]),
+        **manifest_env(job_env, tmp_path, [{**d.entry(), "lock_timeout_s": 30} for d in made]),
         "MIGRATE_SERVICES_DIR": FIXTURE_SERVICES,
     }
-    run = run_job("--jobs", "2", env=env)
+
+    async def scenario() -> Any:
+        gates = [Gate(d.pg.admin_dsn(d.name), SLOW_GATE) for d in made[1:]]
+        for gate in gates:
+            await gate.__aenter__()
+        try:
+            with JobProcess(env, "--jobs", "2") as job:
+                await asyncio.to_thread(job.wait_for_event, "db.done", 60)  # the failed one: the others wait
+                for gate in gates:
+                    await gate.open()
+                return await asyncio.to_thread(job.finish, 60)
+        finally:
+            for gate in gates:
+                await gate.open()
+
+    run = asyncio.run(scenario())
     assert run.code == 7, run.stdout[-3000:]
     statuses = {d["database"]: d["status"] for d in run.summary["databases"]}
     assert list(statuses) == [d.name for d in made]
     assert statuses[made[0].name] == "failed"
-    assert set(statuses.values()) <= {"failed", "applied", "skipped"}
-    assert "skipped" in statuses.values()
+    # The database the other worker had started finishes; the two after it are never started.
+    assert [statuses[d.name] for d in made[1:]] == ["applied", "skipped", "skipped"]
     (error,) = run.events("run.error")
     assert error["database"] == made[0].name and error["revision"] == "aaaa00000002"
     assert made[0].version() == ["aaaa00000001"]
