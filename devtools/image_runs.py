@@ -32,6 +32,7 @@ STOP_DATABASE = "settlement_stop"
 STOP_FROM = "c81a6c877761"
 GRACE_S = 10
 HELP_REPEATS = 5
+NOOP_REPEATS = 5
 
 
 @dataclass
@@ -196,6 +197,14 @@ def second_upgrade(staged: Stage, session: Session) -> str:
     return f"nothing applied, {outcome.seconds:.1f} s"
 
 
+def noop_inside(staged: Stage, session: Session) -> str:
+    """Time a whole no-op run inside the container (what every Cloud Run task pays), NOOP_REPEATS times."""
+    inside = staged.task.time_inside(["migrate-job"], NOOP_REPEATS)
+    median = statistics.median(inside)
+    session.figures["noop_inside_s"] = {"median": round(median, 3), "min": round(min(inside), 3)}
+    return f"three databases at head: median {median:.3f} s, min {min(inside):.3f} s inside the container"
+
+
 def exits(staged: Stage, session: Session, code: int, *args: str, **env: str) -> Callable[[], str]:
     """Return a check that runs the job with args and env and expects an exit code."""
 
@@ -323,6 +332,7 @@ def cloud_run_checks(session: Session, image: str) -> None:
         )
         session.check("three databases upgraded, every line JSON", lambda: first_upgrade(staged, session))
         session.check("a second run is a no-op", lambda: second_upgrade(staged, session))
+        session.check("a no-op timed inside the container", lambda: noop_inside(staged, session))
         session.check("plan --check exits 0 at head", exits(staged, session, 0, "plan", "--check"))
         bad = {"MIGRATE_MANIFEST": "/etc/image-test/bad.toml"}
         session.check("a bad manifest exits 2", exits(staged, session, 2, **bad))

@@ -172,7 +172,8 @@ class MigrationLock:
         if not self.held:
             return
         self.held = False
-        await (await driver(self.connection)).fetchval("SELECT pg_advisory_unlock($1)", self.key)
+        # A literal (the key is an int): one round trip on the simple protocol, nothing prepared.
+        await (await driver(self.connection)).execute(f"SELECT pg_advisory_unlock({int(self.key)})")
         logs.event(
             "lock.released",
             f"released the migration lock of {self.target.entry.label}",

@@ -147,7 +147,13 @@ def checksum(path: str | Path | None) -> str | None:
     data = revision_file(path) if path is not None else None
     if data is None:
         return None
-    return hashlib.sha256(data.replace(b"\r\n", b"\n")).hexdigest()
+    # Every database of a fleet compares the same files: each version of a file is hashed once.
+    if data not in _digests:
+        _digests[data] = hashlib.sha256(data.replace(b"\r\n", b"\n")).hexdigest()
+    return _digests[data]
+
+
+_digests: dict[bytes, str] = {}
 
 
 @dataclass(frozen=True)
