@@ -244,6 +244,9 @@ def report(session: Session, seconds: float) -> None:
     say(f"peak memory of the 3-database upgrade: {cgroup} MiB in the container's cgroup, job RSS {rss} MiB")
     startup = help_s.get("median_in_container")
     say(f"--help start-up inside the container: {startup} s (median of {image_runs.HELP_REPEATS})")
+    noop = session.figures.get("noop_inside_s", {})
+    if noop:
+        say(f"a no-op run inside the container (3 databases at head): {noop['median']} s (median)")
     say(f"build {session.figures.get('build_s')} s; image-test {seconds:.0f} s in all")
     result = {
         "passed": not session.failed(),
