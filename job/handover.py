@@ -96,6 +96,7 @@ class Handover:
             opening.cancel()
             with contextlib.suppress(BaseException):
                 _, connection = await opening
+                (await connection.get_raw_connection()).driver_connection.terminate()  # type: ignore[union-attr]
                 await connection.invalidate()  # dropped at once, as job.run.close does
                 await connection.close()
         self.opening.clear()

@@ -188,6 +188,8 @@ async def _inspect_quick(run: Run, result: DatabaseResult, execution: Execution)
         execution.history_exists = has_history
         if has_history and heads and execution.check_edits:
             await recorder.check(connection.fetch, execution.service, schema, heads, target.entry.label)
+        if heads != (execution.service.head(),):
+            await execution.service.load_script()  # work to plan: the others are read meanwhile
         plan = execution.plan_from(heads)
         # With work to do, the apply may use this connection (job.handover) instead of its own.
         kept = plan.pending and await run.handover.keep(id(execution), target.entry.location, connection)

@@ -261,6 +261,9 @@ async def close(connection: AsyncConnection) -> None:
     Its engine stays: the run shares one per server and login (job.engines), and holds no pool.
     """
     with contextlib.suppress(Exception, asyncio.CancelledError):
+        # SQLAlchemy's own terminate closes gracefully, waiting for the backend to exit.
+        (await db.driver(connection)).terminate()
+    with contextlib.suppress(Exception, asyncio.CancelledError):
         await asyncio.wait_for(connection.invalidate(), CLEANUP_S)
     with contextlib.suppress(Exception, asyncio.CancelledError):
         await asyncio.wait_for(connection.close(), CLEANUP_S)

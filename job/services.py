@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from job.errors import ConfigError, HistoryError
 from job.revisions import Index, read_index
@@ -22,6 +23,7 @@ class Service:
 
     name: str
     path: Path
+    _loading: Any = field(default=None, init=False, repr=False)
 
     @property
     def ini(self) -> Path:
@@ -53,6 +55,18 @@ class Service:
     def env_is_blessed(self) -> bool:
         """Return whether the service ships the blessed env.py (the version table is Alembic's default)."""
         return self.index is not None and self.index.blessed_env()
+
+    async def load_script(self) -> None:
+        """Load the scripts (Alembic, every revision file) in a thread, once, if not loaded yet.
+
+        Called by the preflight when a database has work: the event loop goes on reading the other
+        databases while the thread works, instead of stopping for the whole load (about 0.3 s).
+        """
+        if "script" in self.__dict__:
+            return
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(asyncio.to_thread(lambda: self.script))
+        await asyncio.shield(self._loading)
 
     def knows(self, revision: str) -> bool:
         """Return whether a revision id is in the service's scripts."""
