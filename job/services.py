@@ -64,7 +64,7 @@ class Service:
         """
         if "script" in self.__dict__:
             return
-        if self._loading is None:
+        if self._loading is None or self._loading.get_loop() is not asyncio.get_running_loop():
             self._loading = asyncio.ensure_future(asyncio.to_thread(lambda: self.script))
         await asyncio.shield(self._loading)
 
