@@ -18,8 +18,10 @@ if TYPE_CHECKING:
 
 # The database the current task is connecting to (each asyncio task has its own copy).
 _database: ContextVar[str | None] = ContextVar("migrate_job_database", default=None)
-# An open asyncpg connection the task's next connection adopts instead of logging in (once).
-_adopt: ContextVar[Any] = ContextVar("migrate_job_adopt", default=None)
+# An open asyncpg connection the task's next connection adopts instead of logging in: in a list,
+# emptied when adopted, so that a retry in the same task logs in afresh (whatever context copy
+# SQLAlchemy's greenlet runs do_connect in).
+_adopt: ContextVar[list[Any] | None] = ContextVar("migrate_job_adopt", default=None)
 _engines: dict[tuple[str, str], AsyncEngine] = {}
 
 
@@ -42,7 +44,7 @@ def engine_for(url: URL, connect_args: dict[str, Any]) -> AsyncEngine:
 def connecting_to(database: str | None, adopt: Any = None) -> None:
     """Say which database the current task's next connections are for (and an open one to adopt)."""
     _database.set(database)
-    _adopt.set(adopt)
+    _adopt.set([adopt] if adopt is not None else [])
 
 
 def _name_database(dialect: Dialect, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
@@ -51,9 +53,9 @@ def _name_database(dialect: Dialect, record: Any, cargs: Any, cparams: dict[str,
     if database is None:
         raise RuntimeError("a shared engine connected without a database (call engines.connecting_to first)")
     cparams["database"] = database
-    adopted = _adopt.get()
-    if adopted is not None:
-        _adopt.set(None)  # once: a reconnect after a lost connection logs in afresh
+    box = _adopt.get()
+    if box:
+        adopted = box.pop()
 
         async def handed_over(*args: Any, **kwargs: Any) -> Any:
             return adopted

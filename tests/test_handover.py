@@ -134,3 +134,30 @@ def test_a_failure_leaves_the_next_database_untouched_and_closes_what_was_opened
     assert made[1].version() == [] and made[2].version() == []
     assert run.stderr == ""  # no task or connection left behind to complain at exit
     assert [e["database"] for e in run.events("lock.acquired")] == [made[0].name]
+
+
+def test_a_connection_is_adopted_once(make_database: Callable[..., Database]) -> None:
+    """The next login of the same task (a retry after a lost connection) must not reuse the kept one."""
+    from sqlalchemy.engine import make_url
+
+    from job import engines
+
+    database = make_database("settlement")
+    url = make_url(database.pg.admin_dsn(database.name)).set(drivername="postgresql+asyncpg")
+
+    async def scenario() -> tuple[bool, bool]:
+        engine = engines.engine_for(url.set(database=None), {})
+        kept = await _connect(database)
+        engines.connecting_to(database.name, kept)
+        first = await engine.connect()
+        second = await engine.connect()
+        try:
+            pids = [
+                (await c.get_raw_connection()).driver_connection.get_server_pid() for c in (first, second)
+            ]  # type: ignore[union-attr]
+            return pids[0] == kept.get_server_pid(), pids[1] != pids[0]
+        finally:
+            await first.close()
+            await second.close()
+
+    assert asyncio.run(scenario()) == (True, True)
