@@ -189,6 +189,13 @@ class Gate:
         row = await self.connection.fetchrow(GATE_WAITER_SQL, self.key)
         return dict(row) if row else None
 
+    async def reached(self, timeout: float) -> dict[str, Any] | None:
+        """Return the session stopped at the gate, waiting up to timeout for one to get there."""
+        deadline = time.monotonic() + timeout
+        while (found := await self.waiter()) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return found
+
 
 def waiting(started: list[Started]) -> list[str]:
     """Return the executions that have logged that they wait for the migration lock."""
@@ -221,7 +228,8 @@ def test_executions_that_find_the_lock_taken_exit_5_naming_the_holder(
             async with Gate(database.pg.admin_dsn(database.name), SLOW_GATE) as gate:
                 started.extend(start_job(env=env, name=f"wait0-{i}", out_dir=tmp_path) for i in range(8))
                 await wait_until(lambda: sum(s.proc.poll() is not None for s in started) >= 7, 60)
-                winner = await gate.waiter()
+                # The losers may end before the winner reaches the gate (it still has to run env.py).
+                winner = await gate.reached(60)
         finally:
             runs = await finish_all(started)
         return runs, winner
@@ -459,7 +467,7 @@ def test_create_index_concurrently_under_three_executions(
                 started.extend(start_job(env=env, name=f"cic-{i}", out_dir=tmp_path) for i in range(3))
                 # The gate opens once the two others have said that they wait for the lock.
                 await wait_until(lambda: len(waiting(started)) >= 2, 60)
-                winner = await gate.waiter()
+                winner = await gate.reached(60)
                 polling = waiting(started)
         finally:
             runs = await finish_all(started)
