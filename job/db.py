@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import SecretStr
 
 from job import iam, logs, tls
+from job.address import DRIVER, Address
 from job.errors import ConfigError, ConnectError, MigrateJobError, SecretError
 from job.pgerrors import causes, describe, is_transient, sqlstate
 
@@ -22,70 +24,12 @@ if TYPE_CHECKING:
     from job.manifest import DatabaseEntry, Manifest
     from job.secrets import SecretResolver
 
-DRIVER = "postgresql+asyncpg"
 # The schema of every session's search_path, and of the job's tables when env.py names none.
 DEFAULT_SCHEMA = "public"
 SOCKET_FILE = ".s.PGSQL.5432"
 # "Too many connections": the server asks the job to slow down (tasks x --jobs above its
 # max_connections). Waited out far past the connect timeout: it never fails a database.
 BUSY, BUSY_S = "53300", 900.0
-
-
-@dataclass(frozen=True)
-class Address:
-    """Where and as whom to connect: the parts of the target's URL, for a plain asyncpg connection.
-
-    The read-only preflight connects with these alone; SQLAlchemy (whose import is some 0.1 s of
-    every start) is loaded only when a URL is needed (display, env.py, applying).
-    """
-
-    username: str | None
-    password: str | None
-    database: str | None
-    host: str | None = None
-    port: int | None = None
-    query: tuple[tuple[str, str], ...] = ()
-
-    def get(self, key: str) -> str | None:
-        """Return a query parameter of the URL (host: the socket directory; ssl: the TLS mode)."""
-        return dict(self.query).get(key)
-
-    def display(self) -> str:
-        """Return the URL as SQLAlchemy renders it with the password hidden (render_as_string)."""
-        from urllib.parse import quote, quote_plus
-
-        shown = DRIVER + "://"
-        if self.username is not None:
-            shown += quote(self.username, safe=" +") + (":***" if self.password is not None else "") + "@"
-        if self.host is not None:
-            shown += f"[{self.host}]" if ":" in self.host else self.host
-        if self.port is not None:
-            shown += f":{self.port}"
-        if self.database is not None:
-            shown += "/" + quote(self.database, safe=" +/")
-        if self.query:
-            shown += "?" + "&".join(f"{quote_plus(k)}={quote_plus(v)}" for k, v in sorted(self.query))
-        return shown
-
-    def to_url(self) -> URL:
-        """Return the SQLAlchemy URL (asyncpg driver) of these parts."""
-        from sqlalchemy.engine import URL
-
-        return URL.create(
-            DRIVER,
-            username=self.username,
-            password=self.password,
-            host=self.host,
-            port=self.port,
-            database=self.database,
-            query=dict(self.query),
-        )
-
-    @classmethod
-    def of(cls, url: URL) -> Address:
-        """Return the parts of a SQLAlchemy URL."""
-        query = tuple((k, v if isinstance(v, str) else v[-1]) for k, v in url.query.items())
-        return cls(url.username, url.password, url.database, url.host, url.port, query)
 
 
 @dataclass(frozen=True)
@@ -358,6 +302,20 @@ async def driver(connection: AsyncConnection) -> Any:
     """
     raw = await connection.get_raw_connection()
     return raw.driver_connection
+
+
+async def drop(connection: AsyncConnection, bound_s: float) -> None:
+    """Close a SQLAlchemy connection at once, without the pool's rollback; never raises.
+
+    The socket is dropped first: SQLAlchemy's own terminate closes gracefully, waiting for the
+    backend to exit (about 2 ms). Each step is bounded by bound_s (after a cancel it may hang).
+    """
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        (await driver(connection)).terminate()
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.wait_for(connection.invalidate(), bound_s)
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.wait_for(connection.close(), bound_s)
 
 
 async def watch_client(connection: AsyncConnection) -> None:

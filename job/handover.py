@@ -22,6 +22,8 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from job import db
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 MAX_HELD = 100
 # The share of a server's max_connections the run may keep open between preflight and apply.
 SHARE = 4
+# How long dropping a connection opened ahead may take (job.run.CLEANUP_S for the same).
+DROP_S = 2.0
 
 
 @dataclass
@@ -96,9 +100,7 @@ class Handover:
             opening.cancel()
             with contextlib.suppress(BaseException):
                 _, connection = await opening
-                (await connection.get_raw_connection()).driver_connection.terminate()  # type: ignore[union-attr]
-                await connection.invalidate()  # dropped at once, as job.run.close does
-                await connection.close()
+                await db.drop(connection, DROP_S)
         self.opening.clear()
 
 

@@ -56,7 +56,7 @@ async def inspect_all(
     for result, execution in inspected:
         # A service that ships the blessed env.py keeps Alembic's default version table: its
         # databases are all read with one query, and a run at head never runs env.py at all.
-        if execution.service.name not in first and not execution.service.env_is_blessed():
+        if execution.service.name not in first and not execution.service.env_is_blessed:
             read.add(id(execution))
             # A tolerated failure of a service's first database: the next one is read through env.py.
             if await _inspect_or_skip(run, result, execution, allow_ahead, failures):

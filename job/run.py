@@ -6,7 +6,6 @@ touched, and also opens the run's connections (its timeout and ``application_nam
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
@@ -260,13 +259,7 @@ async def close(connection: AsyncConnection) -> None:
 
     Its engine stays: the run shares one per server and login (job.engines), and holds no pool.
     """
-    with contextlib.suppress(Exception, asyncio.CancelledError):
-        # SQLAlchemy's own terminate closes gracefully, waiting for the backend to exit.
-        (await db.driver(connection)).terminate()
-    with contextlib.suppress(Exception, asyncio.CancelledError):
-        await asyncio.wait_for(connection.invalidate(), CLEANUP_S)
-    with contextlib.suppress(Exception, asyncio.CancelledError):
-        await asyncio.wait_for(connection.close(), CLEANUP_S)
+    await db.drop(connection, CLEANUP_S)
 
 
 def confirm(yes: bool, what: str) -> None:

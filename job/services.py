@@ -52,8 +52,12 @@ class Service:
         """Return the history read from the files' text (job.revisions), or None where only Alembic can."""
         return read_index(self.ini)
 
+    @cached_property
     def env_is_blessed(self) -> bool:
-        """Return whether the service ships the blessed env.py (the version table is Alembic's default)."""
+        """Return whether the service ships the blessed env.py (the version table is Alembic's default).
+
+        Read once per run: the preflight asks for every database of the service.
+        """
         return self.index is not None and self.index.blessed_env()
 
     async def load_script(self) -> None:

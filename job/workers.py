@@ -147,14 +147,20 @@ def _warm(services_dir: Path, names: list[str]) -> int:
     revision file of the services with work, while the parent's preflight still runs: the
     first database a worker gets is then only its own work.
     """
+    services = _worker_services(services_dir)
+    for name in names:
+        with contextlib.suppress(Exception):  # a broken history is the preflight's to report
+            services[name].script.get_heads()
+    return os.getpid()
+
+
+def _worker_services(services_dir: Path) -> dict[str, Service]:
+    """Return the services, discovered once per worker (their scripts then load once too)."""
     from job.services import discover
 
     if not _services:
         _services.update(discover(services_dir))
-    for name in names:
-        with contextlib.suppress(Exception):  # a broken history is the preflight's to report
-            _services[name].script.get_heads()
-    return os.getpid()
+    return _services
 
 
 def apply_one(task: Task) -> Outcome:
@@ -173,15 +179,13 @@ async def _work(task: Task) -> Outcome:
     from job.applying import apply
     from job.report import RunReport
     from job.run import Run
-    from job.services import discover
 
     current = asyncio.current_task()
     assert current is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, current.cancel)
-    if not _services:
-        _services.update(discover(task.settings.services_dir))
-    run = Run(task.settings, task.cloud_run, task.manifest, _services, [], RunReport("worker"))
-    execution = _execution(task, _services[task.target.service])
+    services = _worker_services(task.settings.services_dir)
+    run = Run(task.settings, task.cloud_run, task.manifest, services, [], RunReport("worker"))
+    execution = _execution(task, services[task.target.service])
     try:
         await apply(run, task.result, execution)
     except asyncio.CancelledError:

@@ -24,7 +24,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from job.db import DRIVER, Address, Target, build_url, connect, is_transient, url_from_secret
+from job.address import Address
+from job.db import DRIVER, Target, build_url, connect, is_transient, url_from_secret
 from job.errors import ConnectError, SecretError
 from job.manifest import DatabaseEntry
 from tests.conftest import INSTANCE, Database
